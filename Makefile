@@ -1,0 +1,38 @@
+# qspeech: `make demo` installs into .venv and runs the offline study; `make test` runs the tests.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+# CPU build by default (the file on this project's machines); on a CUDA machine take PyPI's default build.
+TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+S3PRL   ?= s3prl==0.4.18
+
+.PHONY: install test test-all demo report assets bench clean-outputs
+
+$(BIN)/qspeech: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	# s3prl's metadata pulls torchaudio and transformers; the model classes we use need neither.
+	$(BIN)/pip install -q --no-deps "$(S3PRL)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/qspeech
+
+install: $(BIN)/qspeech
+
+test: install
+	$(BIN)/pytest -q
+
+test-all: install
+	$(BIN)/pytest -q -m ""
+
+demo: install
+	$(BIN)/qspeech demo
+
+report: install
+	$(BIN)/qspeech report
+
+assets: install
+	$(BIN)/qspeech assets
+
+bench: install
+	$(BIN)/python benchmarks/bench_upstream.py

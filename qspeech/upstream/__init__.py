@@ -1,0 +1,54 @@
+"""Upstream loading: s3prl model classes from a name, a packaged asset, s3prl's cache/URL or a local file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from qspeech.upstream import builders, checkpoints
+from qspeech.upstream.model import SAMPLE_RATE, Upstream, UpstreamOutput, UpstreamSpec
+
+__all__ = ["build_upstream", "save_checkpoint", "Upstream", "UpstreamOutput", "UpstreamSpec", "SAMPLE_RATE"]
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_upstream(model_cfg) -> Upstream:
+    """model_cfg: the `model` config group (name, arch, url, ckpt, init, asset, arch_cfg, trust_checkpoint)."""
+    cfg = _plain(model_cfg)
+    arch, arch_cfg = cfg["arch"], dict(cfg.get("arch_cfg") or {})
+    if cfg.get("init", "pretrained") == "random":
+        model, normalize = builders.build_random(arch, arch_cfg)
+        spec = UpstreamSpec(cfg["name"], arch, arch_cfg, "random", None)
+    else:
+        path = checkpoints.resolve(cfg["name"], cfg.get("url"), cfg.get("ckpt"), cfg.get("asset"))
+        state = checkpoints.load(path, trust=bool(cfg.get("trust_checkpoint", False)))
+        checkpoints.check_format(state, arch, path)
+        model, normalize = builders.build_from_state(arch, state)
+        spec = UpstreamSpec(cfg["name"], arch, arch_cfg, str(path), _sha256(path))
+    return Upstream(model, spec, normalize)
+
+
+def save_checkpoint(upstream: Upstream, path: str | Path, extra: dict | None = None) -> Path:
+    """Write the upstream in s3prl's checkpoint format for its architecture (loadable by model.ckpt=)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = builders.to_state(upstream.spec.arch, upstream.model, upstream.spec.arch_cfg, extra)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,120 @@
+"""Finding, downloading and safely reading upstream checkpoints in s3prl's formats."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from qspeech.errors import CheckpointError
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+# Keys that identify each of s3prl's checkpoint formats.
+FORMATS = {
+    "converted": ("task_cfg", "model_cfg", "model_weight"),  # HuBERT / wav2vec 2.0 (s3prl convert.py)
+    "distiller": ("Config", "Distiller"),  # DistilHuBERT
+    "wavlm": ("cfg", "model"),  # WavLM
+}
+ARCH_FORMAT = {"hubert": "converted", "wav2vec2": "converted", "distiller": "distiller", "wavlm": "wavlm"}
+
+
+def s3prl_cache_dir() -> Path:
+    """s3prl's download cache (`s3prl.util.download`), so files s3prl already fetched are reused."""
+    return Path(os.environ.get("S3PRL_DOWNLOAD_DIR", Path.home() / ".cache" / "s3prl" / "download"))
+
+
+def s3prl_cache_path(url: str) -> Path:
+    # Same naming as s3prl.util.download._urls_to_filepaths: sha256(url).<basename>.
+    return s3prl_cache_dir() / f"{hashlib.sha256(url.encode()).hexdigest()}.{Path(url).name}"
+
+
+def download(url: str, dst: Path, timeout: float = 30.0) -> Path:
+    """Download to a temp file beside dst, then rename: an interrupted download leaves no bad file."""
+    from tqdm import tqdm
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    req = urllib.request.Request(url, headers={"User-Agent": "qspeech"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dst.name) as bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return dst
+
+
+def resolve(name: str, url: str | None, ckpt: str | None, asset: str | None) -> Path:
+    """The local file for an upstream: model.ckpt, else the packaged asset, else s3prl's cache/URL."""
+    if ckpt:
+        path = Path(ckpt).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"model.ckpt={ckpt}: no such file; give the path of an s3prl checkpoint")
+        return path
+    if asset:
+        path = ASSET_DIR / asset
+        if not path.is_file():
+            raise CheckpointError(
+                f"the packaged checkpoint for {name} ({path}) is missing; rebuild it with `make assets`, "
+                f"pass model.ckpt=PATH, or use model.init=random"
+            )
+        return path
+    if not url:
+        raise CheckpointError(f"model {name} has no URL, asset or model.ckpt; pass model.ckpt=PATH")
+    path = s3prl_cache_path(url)
+    if path.is_file():
+        return path
+    try:
+        return download(url, path)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise CheckpointError(
+            f"cannot download the {name} checkpoint from {url} ({reason}); with no network, copy the file "
+            f"to {path} or pass model.ckpt=/path/to/{Path(url).name}"
+        ) from None
+
+
+def load(path: Path, trust: bool = False) -> dict:
+    """torch.load with weights_only=True unless the user trusts the file (model.trust_checkpoint=true)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers ({first[:120]}); "
+                f"if you trust the file, pass model.trust_checkpoint=true"
+            ) from None
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint: {e}") from None
+    except Exception as e:  # truncated zip, random bytes, wrong file type...
+        raise CheckpointError(
+            f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); re-download it or pass "
+            f"another model.ckpt"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not an s3prl checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
+def check_format(state: dict, arch: str, path: Path) -> None:
+    fmt = ARCH_FORMAT[arch]
+    missing = [k for k in FORMATS[fmt] if k not in state]
+    if missing:
+        found = next((f for f, keys in FORMATS.items() if all(k in state for k in keys)), None)
+        hint = f"it looks like a '{found}' checkpoint" if found else f"its keys are {sorted(state)[:6]}"
+        raise CheckpointError(
+            f"{path} is not an s3prl {arch} checkpoint (missing {', '.join(missing)}; {hint}); "
+            f"check model= matches the file"
+        )

@@ -1,0 +1,114 @@
+"""The Upstream: an s3prl model that maps padded 16 kHz waveforms to all its hidden states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qspeech.upstream.builders import hidden_states_with_hooks
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass
+class UpstreamOutput:
+    hidden_states: list[torch.Tensor]  # each (B, frames, D)
+    lengths: torch.Tensor  # (B,) valid frames per utterance
+
+
+@dataclass
+class UpstreamSpec:
+    """What identifies the weights: enough to rebuild the model and to key caches."""
+
+    name: str
+    arch: str
+    arch_cfg: dict = field(default_factory=dict)
+    source: str = "random"  # file the weights came from, or "random"
+    source_sha256: str | None = None
+
+
+class Upstream(nn.Module):
+    """Wraps an s3prl model. `model` is the module whose weights quantizers and accounting see.
+
+    Hidden states follow s3prl's experts exactly: for HuBERT / wav2vec 2.0 / WavLM the input of each
+    transformer layer plus the encoder output (13 for Base); for DistilHuBERT the CNN projection, each
+    layer's output and each prediction head.
+    """
+
+    def __init__(self, model: nn.Module, spec: UpstreamSpec, normalize: bool = False):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.normalize = normalize
+        if spec.arch != "distiller":
+            model.encoder.layerdrop = 0.0
+        # s3prl's experts run the CNN without autograd; QAT turns this back on (cnn_grad=True).
+        self.cnn_grad = False
+        self.eval()
+
+    @property
+    def conv_layers(self) -> list[tuple[int, int, int]]:
+        fe = self.model.feature_extractor
+        return [(blk[0].out_channels, blk[0].kernel_size[0], blk[0].stride[0]) for blk in fe.conv_layers]
+
+    @property
+    def downsample_rate(self) -> int:
+        rate = 1
+        for _, _, s in self.conv_layers:
+            rate *= s
+        return rate
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.encoder.layers[0].self_attn.embed_dim if self.spec.arch != "distiller" else int(
+            self.model.config.encoder_embed_dim
+        )
+
+    @property
+    def num_hidden(self) -> int:
+        if self.spec.arch == "distiller":
+            cfg = self.model.config
+            return 1 + cfg.encoder_layers + (cfg.n_tasks if cfg.out_layer_type != "none" else 0)
+        return len(self.model.encoder.layers) + 1
+
+    def frame_lengths(self, wav_lens: torch.Tensor) -> torch.Tensor:
+        n = wav_lens.clone()
+        for _, k, s in self.conv_layers:
+            n = torch.div(n - k, s, rounding_mode="floor") + 1
+        return n.clamp(min=0)
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> UpstreamOutput:
+        """wavs: (B, T) float32 at 16 kHz, zero-padded; wav_lens: (B,) samples."""
+        if wavs.dim() == 1:
+            wavs = wavs.unsqueeze(0)
+        if wav_lens is None:
+            wav_lens = torch.full((wavs.shape[0],), wavs.shape[1], dtype=torch.long, device=wavs.device)
+        wav_lens = wav_lens.to(wavs.device)
+        valid = torch.arange(wavs.shape[1], device=wavs.device)[None, :] < wav_lens[:, None]
+        if self.normalize:  # per utterance over its valid samples, then zero padding, as s3prl
+            wavs = torch.stack(
+                [torch.cat([F.layer_norm(w[:n], (n,)), w[n:] * 0]) for w, n in zip(wavs, wav_lens.tolist())]
+            )
+        if hasattr(self.model, "feature_grad_mult"):
+            self.model.feature_grad_mult = 1.0 if self.cnn_grad else 0.0
+
+        if self.spec.arch == "distiller":
+            _, feat_final, pred, _, layer_hidden = self.model(wavs, valid.float(), get_hidden=True)
+            states = [feat_final] + list(layer_hidden)
+            if pred is not None:
+                states += [p for p in pred.transpose(0, 1)]
+        else:
+            pad = ~valid
+            if self.spec.arch == "hubert":
+                run = lambda: self.model.extract_features(wavs, padding_mask=pad, mask=False)  # noqa: E731
+            elif self.spec.arch == "wav2vec2":
+                run = lambda: self.model.extract_features(wavs, pad, mask=False)  # noqa: E731
+            else:  # wavlm
+                run = lambda: self.model.extract_features(wavs, padding_mask=pad, mask=False)  # noqa: E731
+            states = hidden_states_with_hooks(self.model, run)
+        frames = min(s.shape[1] for s in states)
+        states = [s[:, :frames] for s in states]
+        return UpstreamOutput(states, self.frame_lengths(wav_lens).clamp(max=frames))
