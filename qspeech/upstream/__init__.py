@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from qspeech.upstream import builders, checkpoints
 from qspeech.upstream.model import SAMPLE_RATE, Upstream, UpstreamOutput, UpstreamSpec
 
-__all__ = ["build_upstream", "save_checkpoint", "Upstream", "UpstreamOutput", "UpstreamSpec", "SAMPLE_RATE"]
+__all__ = ["build_upstream", "save_checkpoint", "fingerprint", "Upstream", "UpstreamOutput", "UpstreamSpec", "SAMPLE_RATE"]
 
 
 def _plain(cfg) -> dict:
@@ -52,3 +52,19 @@ def save_checkpoint(upstream: Upstream, path: str | Path, extra: dict | None = N
     torch.save(state, tmp)
     tmp.replace(path)
     return path
+
+
+def fingerprint(upstream: Upstream, extra: str = "") -> str:
+    """A hash of everything that determines the upstream's outputs: architecture, every tensor of its
+    state (quantizer parameters included) and `extra` (e.g. the quant config). Keys feature caches."""
+    import json
+
+    import torch
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"arch": upstream.spec.arch, "cfg": upstream.spec.arch_cfg, "norm": upstream.normalize,
+                         "extra": extra}, sort_keys=True, default=str).encode())
+    for name, t in sorted(upstream.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
