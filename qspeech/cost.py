@@ -1,0 +1,234 @@
+"""Cost accounting: parameters, MACs and weight bits per module -> storage MB and estimated runtime.
+
+Conventions (the paper's, see README):
+  storage MB  = (quantized weights x bits + their scales/zero points x 16 + every other parameter x 16)
+                / 8 / 1e6                                                   (a 16-bit baseline)
+  est runtime = sum_m MACs_m x (bits_m / 32 if m is quantized else 1) / sum_m MACs_m
+                                                                        (weight bits vs a 32-bit reference)
+Pretraining-only heads (HuBERT's final_proj/label embeddings, DistilHuBERT's prediction heads) are left
+out, which gives the published parameter counts (HuBERT Base 94,371,712; DistilHuBERT 23,491,200).
+MACs are counted on the real modules during one forward pass of `seconds` of audio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from qspeech.quant.targets import candidate_modules, is_excluded_from_accounting
+
+BASELINE_BITS = 16  # storage of every non-quantized parameter and of scales
+REFERENCE_BITS = 32  # runtime reference
+
+OverheadFn = Callable[[tuple, int], int]  # (weight shape, bits) -> number of 16-bit scale values
+
+
+@dataclass
+class ModuleCost:
+    name: str
+    kind: str
+    params: int
+    macs: int
+    bits: int  # weight bits (32 = not quantized)
+    scale_values: int  # 16-bit scales / zero points / codebook entries
+    storage_bits: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < REFERENCE_BITS
+
+
+@dataclass
+class CostReport:
+    rows: list[ModuleCost]
+    params: int
+    quantized_params: int
+    macs: int
+    storage_mb: float
+    est_runtime: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "rows"}
+        d["modules"] = [asdict(r) | {"quantized": r.quantized} for r in self.rows]
+        return d
+
+
+def _mha_modules(model: nn.Module) -> dict[str, nn.Module]:
+    # fairseq-style attention: has q/k/v/out projections that F.multi_head_attention_forward may use
+    # directly (their forward hooks then never fire).
+    return {n: m for n, m in model.named_modules() if all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))}
+
+
+@torch.no_grad()
+def count_macs(upstream, seconds: float) -> dict[str, tuple[str, int]]:
+    """name -> (kind, MACs) for one forward pass of `seconds` of audio (batch 1).
+
+    Linear/Conv1d MACs come from the shapes each module actually produced. Attention projections that
+    bypass their module's forward are counted from the attention input's shape; the two attention
+    matmuls (QK^T, AV) get a row of kind 'attention'. Checked against torch's FlopCounterMode in tests.
+    """
+    model = upstream.model
+    macs: dict[str, int] = {}
+    attn_inputs: dict[str, tuple[int, int, int]] = {}
+    handles = []
+
+    def linear_hook(name):
+        def hook(mod, inp, out):
+            macs[name] = macs.get(name, 0) + out.numel() * mod.in_features
+        return hook
+
+    def conv_hook(name):
+        def hook(mod, inp, out):
+            per_out = (mod.in_channels // mod.groups) * mod.kernel_size[0]
+            macs[name] = macs.get(name, 0) + out.numel() * per_out
+        return hook
+
+    def attn_hook(name):
+        def hook(mod, args, kwargs):
+            q = args[0] if args else kwargs["query"]
+            attn_inputs[name] = tuple(q.shape)  # (T, B, E)
+        return hook
+
+    def split_linear_hook(name):  # DistilHuBERT's prediction heads: a batched matmul, not nn.Linear
+        def hook(mod, inp, out):
+            macs[name] = macs.get(name, 0) + out.numel() * mod.in_dim
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_hook(linear_hook(name)))
+        elif type(mod).__name__ == "SplitLinear" and hasattr(mod, "weight"):
+            handles.append(mod.register_forward_hook(split_linear_hook(name)))
+        elif isinstance(mod, nn.Conv1d):
+            handles.append(mod.register_forward_hook(conv_hook(name)))
+    mha = _mha_modules(model)
+    for name, mod in mha.items():
+        handles.append(mod.register_forward_pre_hook(attn_hook(name), with_kwargs=True))
+    try:
+        n = int(round(seconds * 16_000))
+        was_training = upstream.training
+        upstream.eval()
+        upstream(torch.zeros(1, n), torch.tensor([n]))
+        upstream.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+
+    out: dict[str, tuple[str, int]] = {}
+    kinds = {name: kind for name, (kind, _) in candidate_modules(model).items()}
+    for name, (T, B, E) in attn_inputs.items():
+        mod = mha[name]
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            full = f"{name}.{p}"
+            if full not in macs:
+                lin = getattr(mod, p)
+                macs[full] = T * B * lin.in_features * lin.out_features
+        heads, head_dim = mod.num_heads, E // mod.num_heads
+        out[f"{name}.<matmul>"] = ("attention", 2 * B * heads * T * T * head_dim)
+    for name, m in macs.items():
+        if is_excluded_from_accounting(name) and not name.startswith("output_layer"):
+            continue
+        kind = kinds.get(name) or ("heads" if name.startswith("output_layer") else "other")
+        out[name] = (kind, m)
+    return out
+
+
+def account(
+    upstream,
+    bits_by_module: Mapping[str, int],
+    overhead: OverheadFn | None = None,
+    seconds: float = 10.0,
+) -> CostReport:
+    """Cost of `upstream` when the modules in bits_by_module have that many weight bits."""
+    model = upstream.model
+    overhead = overhead or (lambda shape, bits: 0)
+    modules = dict(model.named_modules())
+    mac_table = count_macs(upstream, seconds)
+
+    rows: dict[str, ModuleCost] = {}
+    # Parameters, grouped by the module that owns them.
+    for pname, p in _named_params(model):
+        if is_excluded_from_accounting(pname):
+            continue
+        owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+        leaf = pname.rsplit(".", 1)[-1]
+        row = rows.get(owner)
+        if row is None:
+            kind = mac_table.get(owner, (None,))[0] or _kind_of(owner, modules.get(owner))
+            row = rows[owner] = ModuleCost(owner, kind, 0, 0, REFERENCE_BITS, 0, 0)
+        row.params += p.numel()
+        b = bits_by_module.get(owner)
+        quantized = b is not None and b < REFERENCE_BITS
+        if quantized and leaf == "weight_g":
+            continue  # weight norm's gain is folded into the quantized weight (counted via weight_v)
+        if quantized and leaf in ("weight", "weight_v"):
+            row.bits = b
+            row.scale_values += overhead(tuple(p.shape), b)
+            row.storage_bits += p.numel() * b + overhead(tuple(p.shape), b) * BASELINE_BITS
+        else:
+            row.storage_bits += p.numel() * BASELINE_BITS
+    for name, (kind, m) in mac_table.items():
+        row = rows.get(name)
+        if row is None:
+            row = rows[name] = ModuleCost(name, kind, 0, 0, REFERENCE_BITS, 0, 0)
+        row.macs = m
+
+    ordered = list(rows.values())
+    total_macs = sum(r.macs for r in ordered)
+    weighted = sum(r.macs * (r.bits / REFERENCE_BITS if r.quantized else 1.0) for r in ordered)
+    return CostReport(
+        rows=ordered,
+        params=sum(r.params for r in ordered),
+        quantized_params=sum(_weight_numel(modules[r.name]) for r in ordered if r.quantized),
+        macs=total_macs,
+        storage_mb=sum(r.storage_bits for r in ordered) / 8 / 1e6,
+        est_runtime=weighted / total_macs if total_macs else 1.0,
+        seconds=seconds,
+    )
+
+
+def _named_params(model: nn.Module):
+    """Parameters under their module's name; a parametrized weight is reported once, as `<module>.weight`.
+    Learned quantizer parameters (LSQ steps...) are counted through the method's scale values instead."""
+    for name, p in model.named_parameters():
+        if ".parametrizations." in name:
+            mod, rest = name.split(".parametrizations.", 1)
+            if rest.endswith(".original") or rest.endswith(".original0"):
+                yield f"{mod}.{rest.split('.')[0]}", p
+            continue
+        yield name, p
+
+
+def _weight_numel(mod: nn.Module) -> int:
+    return int(mod.weight.numel())
+
+
+def _kind_of(name: str, mod: nn.Module | None) -> str:
+    if mod is None:
+        return "other"
+    if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+        return "norm"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    return "other"
+
+
+def format_table(report: CostReport) -> str:
+    from tabulate import tabulate
+
+    rows = [
+        (r.name or "(model)", r.kind, f"{r.params:,}", f"{r.macs / 1e6:,.1f}", r.bits, f"{r.storage_bits / 8:,.0f}")
+        for r in report.rows
+    ]
+    rows.append(("TOTAL", "", f"{report.params:,}", f"{report.macs / 1e6:,.1f}", "", f"{report.storage_mb * 1e6:,.0f}"))
+    table = tabulate(rows, headers=("module", "kind", "params", "MMACs", "weight bits", "bytes"), tablefmt="github")
+    summary = (
+        f"params {report.params:,} (quantized {report.quantized_params:,}) | "
+        f"MACs for {report.seconds:g} s: {report.macs / 1e9:,.2f} G | "
+        f"storage {report.storage_mb:.2f} MB | est. runtime {report.est_runtime:.3f}"
+    )
+    return f"{table}\n\n{summary}"

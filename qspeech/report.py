@@ -1,0 +1,183 @@
+"""The results table: every run's result.json -> outputs/results.csv, outputs/report.md, outputs/report.png,
+with the paper's published rows beside ours and the DistilHuBERT comparison the paper makes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from qspeech import paper
+from qspeech.results import collect
+
+KEY = ["model", "init", "quant", "bits", "task", "data"]
+COLUMNS = KEY + [
+    "source", "status", "metric", "value", "dev_value", "storage_mb", "packed_mb", "est_runtime",
+    "measured_speedup", "params", "quantized_params", "storage_vs_distil", "runtime_vs_distil",
+    "metric_vs_distil", "error", "run_dir",
+]
+DISTIL_OF = {"tiny_hubert": "tiny_distilhubert", "tiny_distilhubert": "tiny_distilhubert"}
+
+
+def _quant_label(r: dict) -> str:
+    if int(r.get("bits", 32)) >= 32:
+        return "fp"
+    label = str(r.get("quant", "?"))
+    targets = r.get("targets") or ["linear"]
+    if list(targets) != ["linear"]:
+        label += "[" + "+".join(targets) + "]"
+    return label
+
+
+def _row(r: dict) -> dict:
+    metrics = r.get("metrics") or {}
+    return {
+        "model": r["model"],
+        "init": r.get("init", "pretrained"),
+        "quant": _quant_label(r),
+        "bits": int(r["bits"]),
+        "task": r["task"],
+        "data": r.get("data", ""),
+        "source": "qspeech",
+        "status": r["status"],
+        "metric": r.get("metric"),
+        "value": r.get("value"),
+        "dev_value": metrics.get("dev_wer"),
+        "storage_mb": r.get("storage_mb"),
+        "packed_mb": r.get("packed_mb"),
+        "est_runtime": r.get("est_runtime"),
+        "measured_speedup": r.get("measured_speedup"),
+        "params": r.get("params"),
+        "quantized_params": r.get("quantized_params"),
+        "error": r.get("error"),
+        "run_dir": r.get("run_dir"),
+        "_finished": r.get("finished") or "",
+    }
+
+
+def build_table(results: list[dict]) -> pd.DataFrame:
+    """One row per (model, init, quant, bits, task, data): the latest successful run, else the latest
+    failure (a failed run is shown as failed, never dropped); then the paper's rows."""
+    ours = pd.DataFrame([_row(r) for r in results], columns=COLUMNS + ["_finished"])
+    if not ours.empty:
+        ours["_ok"] = ours["status"].eq("ok")
+        ours = ours.sort_values(["_ok", "_finished"]).groupby(KEY, dropna=False, sort=False).tail(1)
+        ours = ours.drop(columns=["_ok"])
+    pub = pd.DataFrame([{**p, "init": "pretrained", "data": "librispeech", "source": paper.SOURCE,
+                         "status": "published"} for p in paper.ROWS])
+    table = pd.concat([ours.drop(columns=["_finished"]), pub], ignore_index=True)[COLUMNS]
+    table = _vs_distil(table)
+    return table.sort_values(["source", "task", "data", "model", "init", "bits", "quant"],
+                             ascending=[False, True, True, True, True, False, True], ignore_index=True)
+
+
+def _vs_distil(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's comparison: storage and runtime as a ratio to DistilHuBERT's, metric as a difference."""
+    table = table.copy()
+    for col in ("storage_vs_distil", "runtime_vs_distil", "metric_vs_distil"):
+        table[col] = pd.NA
+    for idx, row in table.iterrows():
+        ref_model = DISTIL_OF.get(row["model"], "distilhubert")
+        ref = table[(table["model"] == ref_model) & (table["bits"] == 32) & (table["task"] == row["task"])
+                    & (table["data"] == row["data"]) & (table["source"] == row["source"])
+                    & (table["init"] == "pretrained") & table["status"].isin(["ok", "published"])]
+        if ref.empty:
+            continue
+        ref = ref.iloc[0]
+        if pd.notna(row["storage_mb"]) and pd.notna(ref["storage_mb"]):
+            table.at[idx, "storage_vs_distil"] = round(float(row["storage_mb"]) / float(ref["storage_mb"]), 3)
+        if pd.notna(row["est_runtime"]) and pd.notna(ref["est_runtime"]):
+            table.at[idx, "runtime_vs_distil"] = round(float(row["est_runtime"]) / float(ref["est_runtime"]), 3)
+        if pd.notna(row["value"]) and pd.notna(ref["value"]):
+            table.at[idx, "metric_vs_distil"] = round(float(row["value"]) - float(ref["value"]), 2)
+    return table
+
+
+def _fmt(v, digits=2):
+    if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_markdown(table: pd.DataFrame, problems: list[str]) -> str:
+    from tabulate import tabulate
+
+    show = ["model", "init", "quant", "bits", "task", "data", "status", "metric", "value", "storage_mb",
+            "packed_mb", "est_runtime", "measured_speedup", "storage_vs_distil", "runtime_vs_distil",
+            "metric_vs_distil"]
+    lines = ["# qspeech results", ""]
+    lines += ["Storage MB: quantized weights x bits + scales at 16 bits + all other parameters at 16 bits "
+              "(/8/1e6). Est. runtime: MAC-weighted weight bits / 32. *_vs_distil: ratio to (metric: "
+              "difference from) the DistilHuBERT row of the same task and data (tiny_distilhubert for tiny "
+              "models).", ""]
+    for source, part in table.groupby("source", sort=False):
+        lines += [f"## {'Our runs' if source == 'qspeech' else source}", ""]
+        rows = [[_fmt(v, 3 if c in ("est_runtime", "storage_vs_distil", "runtime_vs_distil") else 2)
+                 for c, v in zip(show, r)] for r in part[show].itertuples(index=False)]
+        lines += [tabulate(rows, headers=show, tablefmt="github"), ""]
+        failed = part[part["status"] == "failed"]
+        for r in failed.itertuples(index=False):
+            lines.append(f"- failed: {r.model} {r.quant} {r.bits}-bit {r.task}: {r.error}")
+        if not failed.empty:
+            lines.append("")
+    if problems:
+        lines += ["## Skipped result files", ""] + [f"- {p}" for p in problems] + [""]
+    return "\n".join(lines)
+
+
+def plot(table: pd.DataFrame, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"].isin(["ok", "published"]) & table["value"].notna()]
+    if ok.empty:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
+    panels = [("qspeech", "Our runs"), (paper.SOURCE, "Published (Yeh et al. 2023)")]
+    for row_i, (source, title) in enumerate(panels):
+        part = ok[ok["source"] == source]
+        for col_i, (x, xlabel) in enumerate([("storage_mb", "storage (MB)"), ("est_runtime", "est. runtime")]):
+            ax = axes[row_i][col_i]
+            for (model, init, quant), grp in part.groupby(["model", "init", "quant"], sort=False):
+                grp = grp.sort_values("bits")
+                is_distil = "distil" in str(model)
+                label = f"{model}{'' if init == 'pretrained' else ' (' + init + ')'} {quant}"
+                ax.plot(grp[x].astype(float), grp["value"].astype(float), marker="*" if is_distil else "o",
+                        markersize=14 if is_distil else 6, linestyle="" if is_distil else "-", label=label)
+                for _, r in grp.iterrows():
+                    ax.annotate(f"{int(r['bits'])}b", (float(r[x]), float(r["value"])), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(str(part["metric"].dropna().iloc[0]).upper() if not part.empty else "metric")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            if col_i == 1 and not part.empty:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_report(outputs: str | Path = "outputs") -> dict:
+    outputs = Path(outputs)
+    results, problems = collect(outputs)
+    table = build_table(results)
+    outputs.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path, png_path = outputs / "results.csv", outputs / "report.md", outputs / "report.png"
+    _atomic_text(csv_path, table.to_csv(index=False))
+    _atomic_text(md_path, render_markdown(table, problems))
+    png = plot(table, png_path)
+    return {"csv": csv_path, "markdown": md_path, "plot": png, "runs": len(results), "problems": problems,
+            "table": table}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
