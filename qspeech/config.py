@@ -72,7 +72,7 @@ def validate(cfg: DictConfig, stages: tuple[str, ...] = ("model", "quant", "task
     if "data" in stages:
         from qspeech.data import validate_data_config
 
-        validate_data_config(cfg.data)
+        validate_data_config(cfg.data, check_paths=False)  # paths are checked when data is loaded
     if "task" in stages:
         from qspeech.tasks import validate_task_config
 

@@ -1,0 +1,71 @@
+"""The real console script on tiny configs: help, cost, clear errors with exit code 2."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, random_upstream, run_cli
+from qspeech.upstream import save_checkpoint
+
+
+def _one_error_line(proc):
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("qspeech: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_help_lists_subcommands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("run", "cost", "report", "data", "pretrain", "distill", "demo"):
+        assert f"  {cmd} " in proc.stdout
+
+
+def test_run_help_and_cfg_job_are_hydra():
+    proc = run_cli("run", "--help")
+    assert proc.returncode == 0 and "== Config ==" in proc.stdout
+    proc = run_cli("run", "--cfg", "job", "model=distilhubert", "bits=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: distilhubert" in proc.stdout and "bits: 4" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bits=0"], "bits=0 is not supported"),
+    (["bits=5"], "bits=5 is not supported"),
+    (["model=nope"], "model=nope: no such option"),
+    (["-m", "bits=2,5"], "bits=5 is not supported"),
+    (["nosuchkey=1"], "nosuchkey"),
+    (["cost.seconds=-1"], "cost.seconds"),
+])
+def test_bad_values_one_line_exit_2(tmp_path, args, needle):
+    line = _one_error_line(run_cli("run", *args, cwd=tmp_path))
+    assert needle in line
+    assert not (tmp_path / "outputs" / "run").exists() or not list((tmp_path / "outputs").rglob("result.json"))
+
+
+def test_cost_hubert_counts_and_writes_cost_json(tmp_path):
+    proc = run_cli("cost", "model=hubert", "bits=2", "cost.seconds=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cost_files = list((tmp_path / "outputs" / "cost").rglob("cost.json"))
+    assert len(cost_files) == 1
+    cost = json.loads(cost_files[0].read_text())
+    assert cost["params"] == 94_371_712 and cost["quantized_params"] == 84_934_656
+    assert {"params", "quantized_params", "storage_mb", "est_runtime", "macs", "modules"} <= cost.keys()
+    assert "encoder.layers.11.fc2" in proc.stdout and "storage" in proc.stdout
+
+
+def test_corrupt_checkpoint_exit_2(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    line = _one_error_line(run_cli("run", "model=tiny_hubert", f"model.ckpt={bad}", cwd=tmp_path))
+    assert "corrupt" in line and str(bad) in line
+
+
+def test_offline_hubert_run_is_a_clear_error_and_a_failed_result(tmp_path):
+    proc = run_cli("run", "model=hubert", "bits=2", "task=asr", "data.root=/nonexistent",
+                   "model.url=http://127.0.0.1:9/hubert_base_ls960.pt", cwd=tmp_path)
+    line = _one_error_line(proc)
+    assert "http://127.0.0.1:9/hubert_base_ls960.pt" in line or "data.root" in line

@@ -1,0 +1,68 @@
+"""Results files and the report: atomic writes, failed runs kept, unreadable files skipped, paper rows."""
+
+import json
+
+import pandas as pd
+
+from qspeech.report import build_table, make_report
+from qspeech.results import collect, write_json_atomic
+
+
+def _result(model, bits, value, status="ok", quant="rtn", finished="2026-01-01T00:00:00", **kw):
+    return {"model": model, "init": "pretrained", "quant": quant, "targets": ["linear"], "bits": bits,
+            "task": "asr_small", "data": "mini", "status": status, "metric": "wer", "value": value,
+            "storage_mb": 10.0 * bits / 32 + 1, "est_runtime": 0.5 + bits / 64, "finished": finished, **kw}
+
+
+def test_write_json_atomic_replaces_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "a" / "result.json"
+    write_json_atomic(path, {"x": 1})
+    write_json_atomic(path, {"x": 2})
+    assert json.loads(path.read_text()) == {"x": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_report_keeps_failed_skips_unreadable_and_adds_paper(tmp_path):
+    out = tmp_path / "outputs"
+    write_json_atomic(out / "r1" / "result.json", _result("tiny_hubert", 32, 20.0))
+    write_json_atomic(out / "r2" / "result.json", _result("tiny_hubert", 2, 40.0))
+    write_json_atomic(out / "r3" / "result.json", _result("tiny_hubert", 1, None, status="failed", error="boom"))
+    write_json_atomic(out / "r4" / "result.json", _result("tiny_distilhubert", 32, 30.0))
+    (out / "r5").mkdir()
+    (out / "r5" / "result.json").write_text("{not json")
+    rep = make_report(out)
+    assert rep["runs"] == 4 and len(rep["problems"]) == 1 and "r5" in rep["problems"][0]
+    table = pd.read_csv(rep["csv"])
+    ours = table[table.source == "qspeech"]
+    assert set(ours.status) == {"ok", "failed"}
+    failed = ours[ours.bits == 1].iloc[0]
+    assert failed.status == "failed" and failed.error == "boom"
+    paper = table[table.source.str.startswith("paper")]
+    assert sorted(paper.storage_mb) == [25.23, 35.84, 46.98, 184.42]
+    # DistilHuBERT comparison: ratio of storage, difference of WER, against tiny_distilhubert
+    row = ours[(ours.bits == 2)].iloc[0]
+    distil = ours[ours.model == "tiny_distilhubert"].iloc[0]
+    assert row.storage_vs_distil == round(row.storage_mb / distil.storage_mb, 3)
+    assert row.metric_vs_distil == round(40.0 - 30.0, 2)
+    p2 = paper[paper.bits == 2].iloc[0]
+    assert p2.storage_vs_distil == round(35.84 / 46.98, 3) and p2.metric_vs_distil == round(12.68 - 13.37, 2)
+    md = rep["markdown"].read_text()
+    assert "failed: tiny_hubert rtn 1-bit" in md and "Yeh et al." in md
+    assert rep["plot"] is not None and rep["plot"].stat().st_size > 0
+
+
+def test_one_row_per_experiment_latest_success_wins(tmp_path):
+    results = [
+        _result("tiny_hubert", 4, 30.0, finished="2026-01-01T00:00:00"),
+        _result("tiny_hubert", 4, 25.0, finished="2026-01-02T00:00:00"),
+        _result("tiny_hubert", 4, None, status="failed", finished="2026-01-03T00:00:00"),
+    ]
+    ours = build_table(results)
+    ours = ours[ours.source == "qspeech"]
+    assert len(ours) == 1 and ours.iloc[0].value == 25.0
+
+
+def test_collect_rejects_results_without_required_keys(tmp_path):
+    write_json_atomic(tmp_path / "x" / "result.json", {"hello": 1})
+    results, problems = collect(tmp_path)
+    assert results == [] and "missing" in problems[0]
