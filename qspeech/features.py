@@ -1,0 +1,264 @@
+"""On-disk cache of a frozen upstream's hidden states.
+
+A frozen upstream's hidden states for a dataset depend only on (upstream_key, data content), so they are
+computed once and reused across epochs and across runs that differ only downstream.
+
+Layout of `<cache_dir>/features/<key>/`:
+    shard_00000.npy ...   fp16 arrays (frames, num_hidden, hidden_size), utterances concatenated on
+                          frames; opened memory-mapped
+    meta.json             written last: utterance ids, (shard, offset, frames) per utterance, skipped
+                          files, shapes, upstream throughput, "complete": true
+
+A cache is built in `<cache_dir>/features/.tmp-<key>-<pid>-<rand>/` and renamed into place when
+complete, so a crash never leaves a directory that is served. A directory without a valid meta.json
+(or whose shards do not match it) is treated as missing and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from qspeech.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SAMPLE_RATE = 16_000
+SHARD_BYTES = 256 << 20
+
+
+def cache_key(upstream_key: str, data_fingerprint: str, utts: Sequence) -> str:
+    """Hash of the upstream, the data config and the exact utterance list (ids, files, durations)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FORMAT_VERSION, "upstream": upstream_key, "data": data_fingerprint}).encode())
+    for u in utts:
+        h.update(f"\n{u.utt_id}\t{u.path}\t{float(u.duration_s):.4f}".encode())
+    return h.hexdigest()[:24]
+
+
+def estimate_bytes(upstream, total_seconds: float) -> int:
+    """fp16 bytes of all hidden states for this much audio."""
+    frames = total_seconds * SAMPLE_RATE / upstream.downsample_rate
+    return int(frames * upstream.num_hidden * upstream.hidden_size * 2)
+
+
+def run_upstream(upstream, wavs: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad, run the (frozen) upstream without gradients. Returns (B, F, L, D) float32 and frame lengths."""
+    lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
+    batch = torch.zeros(len(wavs), int(lens.max()), dtype=torch.float32)
+    for i, w in enumerate(wavs):
+        batch[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+    with torch.no_grad():  # not inference_mode: live features feed the (trained) featurizer
+        out = upstream(batch.to(device), lens.to(device))
+        stacked = torch.stack([h.float() for h in out.hidden_states], dim=2)
+    return stacked, out.lengths.cpu()
+
+
+@dataclass
+class FeatureStore:
+    """Read side of a complete cache directory."""
+
+    path: Path
+    meta: dict
+    shards: list[np.ndarray]
+
+    @classmethod
+    def open(cls, path: Path) -> "FeatureStore":
+        """Open a cache directory; raises ValueError if it is not complete and consistent."""
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError("no meta.json")
+        meta = json.loads(meta_path.read_text())
+        if not meta.get("complete") or meta.get("version") != FORMAT_VERSION:
+            raise ValueError("incomplete or old format")
+        shards = []
+        for i, n in enumerate(meta["shard_frames"]):
+            arr = np.load(path / f"shard_{i:05d}.npy", mmap_mode="r")
+            if arr.shape != (n, meta["num_hidden"], meta["hidden_size"]) or arr.dtype != np.float16:
+                raise ValueError(f"shard {i} has shape {arr.shape} {arr.dtype}")
+            shards.append(arr)
+        for s, off, n in meta["index"]:
+            if s >= len(shards) or off + n > shards[s].shape[0]:
+                raise ValueError("index out of range")
+        return cls(path, meta, shards)
+
+    @property
+    def utt_ids(self) -> list[str]:
+        return self.meta["utt_ids"]
+
+    @property
+    def frames(self) -> list[int]:
+        return [n for _, _, n in self.meta["index"]]
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.meta["skipped"]
+
+    def __len__(self) -> int:
+        return len(self.meta["index"])
+
+    def get(self, i: int) -> np.ndarray:
+        """(frames, num_hidden, hidden_size) fp16, memory-mapped."""
+        s, off, n = self.meta["index"][i]
+        return self.shards[s][off:off + n]
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded (B, F, L, D) float32 and frame lengths."""
+        items = [self.get(i) for i in indices]
+        lens = torch.tensor([len(x) for x in items], dtype=torch.long)
+        out = np.zeros((len(items), int(lens.max()), self.meta["num_hidden"], self.meta["hidden_size"]), np.float16)
+        for b, x in enumerate(items):
+            out[b, : len(x)] = x
+        return torch.from_numpy(out).float(), lens
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale_tmp(root: Path) -> None:
+    for d in root.glob(".tmp-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _length_batches(utts: Sequence, batch_s: float) -> list[list[int]]:
+    """Indices sorted by duration, packed so that padded audio per batch stays under batch_s."""
+    order = sorted(range(len(utts)), key=lambda i: (utts[i].duration_s, utts[i].utt_id))
+    batches, cur = [], []
+    for i in order:
+        longest = utts[i].duration_s  # ascending order: the newest is the longest
+        if cur and longest * (len(cur) + 1) > batch_s:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def build(upstream, utts: Sequence, read_audio: Callable[[str], np.ndarray], path: Path, *,
+          device: torch.device, batch_s: float = 60.0, progress: bool = False, desc: str = "features") -> FeatureStore:
+    """Extract hidden states for `utts` into `path` (atomically). Unreadable audio is skipped with a warning."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    root = path.parent
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(root)
+    tmp = root / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        L, D = upstream.num_hidden, upstream.hidden_size
+        per_utt: dict[int, np.ndarray] = {}
+        skipped: list[str] = []
+        shard_frames: list[int] = []
+        index: dict[int, tuple[int, int, int]] = {}
+        pending: list[int] = []
+        pending_bytes = 0
+        up_s, n_up = 0.0, 0
+
+        def flush():
+            nonlocal pending, pending_bytes
+            if not pending:
+                return
+            s = len(shard_frames)
+            arr = np.concatenate([per_utt[i] for i in pending], axis=0)
+            np.save(tmp / f"shard_{s:05d}.npy", arr)
+            off = 0
+            for i in pending:
+                n = len(per_utt.pop(i))
+                index[i] = (s, off, n)
+                off += n
+            shard_frames.append(off)
+            pending, pending_bytes = [], 0
+
+        batches = _length_batches(utts, batch_s)
+        bar = tqdm(total=len(utts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+        for b in batches:
+            wavs, ok = [], []
+            for i in b:
+                try:
+                    wavs.append(read_audio(utts[i].path))
+                    ok.append(i)
+                except DataError as e:
+                    skipped.append(str(utts[i].path))
+                    log.warning("skipping unreadable audio %s: %s", utts[i].path, e)
+            if ok:
+                t0 = time.perf_counter()
+                feats, lens = run_upstream(upstream, wavs, device)
+                up_s += time.perf_counter() - t0
+                n_up += len(ok)
+                feats = feats.to("cpu", torch.float16).numpy()
+                for k, i in enumerate(ok):
+                    per_utt[i] = feats[k, : int(lens[k])]
+                    pending.append(i)
+                    pending_bytes += per_utt[i].nbytes
+                if pending_bytes >= SHARD_BYTES:
+                    flush()
+            bar.update(len(b))
+        flush()
+        bar.close()
+        if skipped:
+            log.warning("%d of %d audio files could not be read and were skipped (first: %s)",
+                        len(skipped), len(utts), skipped[0])
+        kept = sorted(index)  # original utterance order
+        meta = {"version": FORMAT_VERSION, "complete": True, "num_hidden": L, "hidden_size": D,
+                "downsample_rate": upstream.downsample_rate, "shard_frames": shard_frames,
+                "utt_ids": [utts[i].utt_id for i in kept], "index": [list(index[i]) for i in kept],
+                "skipped": skipped, "upstream_s": up_s, "upstream_utts_per_s": n_up / up_s if up_s else None,
+                "created": time.time()}
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished the same cache first, or a broken dir is in the way
+            try:
+                return FeatureStore.open(path)
+            except (ValueError, OSError):
+                shutil.rmtree(path, ignore_errors=True)
+                os.rename(tmp, path)
+        return FeatureStore.open(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_build(upstream, upstream_key: str, data_fingerprint: str, utts: Sequence,
+                  read_audio: Callable[[str], np.ndarray], cache_dir: Path, *, device: torch.device,
+                  batch_s: float = 60.0, progress: bool = False, desc: str = "features") -> tuple[FeatureStore, str]:
+    """The cached features for these utterances: ('hit' | 'miss')."""
+    path = Path(cache_dir) / "features" / cache_key(upstream_key, data_fingerprint, utts)
+    if path.exists():
+        try:
+            return FeatureStore.open(path), "hit"
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+            log.warning("feature cache %s is incomplete or corrupt (%s); rebuilding it", path, e)
+            shutil.rmtree(path, ignore_errors=True)
+    store = build(upstream, utts, read_audio, path, device=device, batch_s=batch_s, progress=progress, desc=desc)
+    return store, "miss"

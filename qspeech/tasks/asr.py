@@ -1,0 +1,439 @@
+"""SUPERB ASR downstream (s3prl's recipe): frozen upstream -> learnable weighted sum of all hidden states
+-> SpecAugment (training only) -> Linear -> BiLSTMs -> Linear -> characters, CTC (blank 0), greedy decoding.
+
+Reference: s3prl 0.4.18 `s3prl/problem/asr/superb_asr.py` (featurizer normalize=False, LSTM 2x1024
+bidirectional with dropout 0.2 after each layer, Linear projection 1024 in front, SpecAugment with
+time warp 5, 4 frequency masks of width <= 50, 2 time masks of width <= 40, Adam 1e-4, grad clip 1,
+200k steps, eval every 2k) and `s3prl/downstream/asr/model.py` (RNNLayer: pack -> LSTM -> dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from qspeech.errors import ConfigError, DataError
+from qspeech.tasks.ctc import greedy_decode
+from qspeech.tasks.metrics import cer as cer_fn
+from qspeech.tasks.metrics import wer as wer_fn
+from qspeech.tasks.vocab import CharVocab
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class SpecAugConfig:
+    enabled: bool = True
+    time_warp_window: int = 5  # 0: no time warp
+    freq_mask_width: list = field(default_factory=lambda: [0, 50])  # [min, max] feature dims per mask
+    num_freq_mask: int = 4
+    time_mask_width: list = field(default_factory=lambda: [0, 40])  # [min, max] frames per mask
+    num_time_mask: int = 2
+
+
+@dataclass
+class ASRConfig:
+    """The `task` config group for kind=asr (conf/task/asr*.yaml)."""
+
+    name: str = "asr"
+    kind: str = "asr"
+    # s3prl's Featurizer option: layer_norm (no affine) of each hidden state before the weighted sum.
+    # The SUPERB recipes leave it off.
+    featurizer_normalize: bool = False
+    # Concatenate this many consecutive frames before the projection (s3prl RNNs' sample_style=concat;
+    # 1 in the SUPERB recipe for 20 ms upstreams). Divides the BiLSTM's work.
+    frame_stride: int = 1
+    project_dim: int = 1024
+    hidden_size: int = 1024  # per direction
+    num_layers: int = 2
+    bidirectional: bool = True
+    dropout: float = 0.2
+    lr: float = 1.0e-4  # Adam, no scheduler
+    zero_infinity: bool = True  # CTC: utterances with more labels than frames contribute 0
+    select_metric: str = "wer"  # dev metric that picks the best checkpoint: wer (SUPERB) | cer
+    specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
+
+
+def validate_task_config(task_cfg) -> ASRConfig:
+    from qspeech.train import _check_fields, _plain
+
+    d = _plain(task_cfg)
+    d.pop("defaults", None)  # present only when a yaml is loaded without Hydra
+    if d.get("kind", "asr") != "asr":
+        raise ConfigError(f"task.kind={d.get('kind')!r}: only 'asr' is implemented")
+    spec = d.pop("specaug", None) or {}
+    _check_fields(ASRConfig, d, "task")
+    _check_fields(SpecAugConfig, spec, "task.specaug")
+    c = ASRConfig(**d, specaug=SpecAugConfig(**spec))
+    s = c.specaug
+
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(f"task.{msg}")
+
+    for k in ("project_dim", "hidden_size", "num_layers", "frame_stride"):
+        v = getattr(c, k)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{k}={v!r}: must be an integer >= 1")
+    need(0 <= c.dropout < 1, f"dropout={c.dropout!r}: must be in [0, 1)")
+    need(c.lr > 0, f"lr={c.lr!r}: must be > 0")
+    need(c.select_metric in ("wer", "cer"), f"select_metric={c.select_metric!r}: use wer or cer")
+    for k in ("freq_mask_width", "time_mask_width"):
+        v = list(getattr(s, k))
+        need(len(v) == 2 and 0 <= v[0] <= v[1], f"specaug.{k}={v!r}: must be [min, max] with 0 <= min <= max")
+    for k in ("num_freq_mask", "num_time_mask", "time_warp_window"):
+        need(getattr(s, k) >= 0, f"specaug.{k}={getattr(s, k)!r}: must be >= 0")
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- model
+class Featurizer(nn.Module):
+    """Softmax-weighted sum of all hidden states (s3prl's Featurizer, weights initialised to 0 = uniform)."""
+
+    def __init__(self, num_layers: int, normalize: bool = False):
+        super().__init__()
+        self.normalize = normalize
+        self.weights = nn.Parameter(torch.zeros(num_layers))
+
+    def layer_weights(self) -> list[float]:
+        return F.softmax(self.weights.detach().float(), dim=-1).tolist()
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:
+        """hs: (B, F, L, D) -> (B, F, D)."""
+        if self.normalize:
+            hs = F.layer_norm(hs, hs.shape[-1:])
+        w = F.softmax(self.weights, dim=-1).to(hs.dtype)
+        return torch.einsum("bfld,l->bfd", hs, w)
+
+
+class SpecAugment(nn.Module):
+    """s3prl.nn.specaug.SpecAug re-implemented (s3prl.nn imports torchaudio): time warp, freq masks,
+    time masks with zeros, on (B, T, D) features; padding re-zeroed. Active in train mode only."""
+
+    def __init__(self, cfg: SpecAugConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def _warp(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, D)
+        w, t = self.cfg.time_warp_window, x.shape[0]
+        if t - w <= w:
+            return x
+        center = int(torch.randint(w, t - w, (1,)))
+        warped = int(torch.randint(center - w, center + w, (1,))) + 1
+        x4 = x[None, None]
+        left = F.interpolate(x4[:, :, :center], (warped, x.shape[1]), mode="bicubic", align_corners=False)
+        right = F.interpolate(x4[:, :, center:], (t - warped, x.shape[1]), mode="bicubic", align_corners=False)
+        return torch.cat([left, right], dim=2)[0, 0]
+
+    def _mask(self, x: torch.Tensor, dim: int, width: Sequence[int], num: int) -> torch.Tensor:
+        if num == 0 or width[1] == 0:
+            return x
+        B, size = x.shape[0], x.shape[dim]
+        lengths = torch.randint(int(width[0]), int(width[1]) + 1, (B, num), device=x.device).unsqueeze(2)
+        pos = torch.randint(0, max(1, size - int(lengths.max())), (B, num), device=x.device).unsqueeze(2)
+        ar = torch.arange(size, device=x.device)[None, None, :]
+        mask = ((pos <= ar) & (ar < pos + lengths)).any(dim=1)  # (B, size)
+        mask = mask.unsqueeze(2) if dim == 1 else mask.unsqueeze(1)
+        return x.masked_fill(mask, 0.0)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.cfg.enabled):
+            return x
+        if self.cfg.time_warp_window > 0:
+            rows = []
+            for i, n in enumerate(lens.tolist()):
+                y = x[i].clone()
+                y[:n] = self._warp(x[i, :n])
+                rows.append(y)
+            x = torch.stack(rows)
+        x = self._mask(x, 2, self.cfg.freq_mask_width, self.cfg.num_freq_mask)
+        x = self._mask(x, 1, self.cfg.time_mask_width, self.cfg.num_time_mask)
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lens.to(x.device)[:, None]
+        return x * valid.unsqueeze(-1).to(x.dtype)
+
+
+class ASRHead(nn.Module):
+    """Featurizer -> SpecAugment -> Linear(D, project_dim) -> [BiLSTM -> dropout] x num_layers -> Linear."""
+
+    def __init__(self, num_hidden: int, hidden_dim: int, vocab_size: int, cfg: ASRConfig):
+        super().__init__()
+        self.featurizer = Featurizer(num_hidden, cfg.featurizer_normalize)
+        self.specaug = SpecAugment(cfg.specaug)
+        self.stride = cfg.frame_stride
+        self.proj = nn.Linear(hidden_dim * cfg.frame_stride, cfg.project_dim)
+        dirs = 2 if cfg.bidirectional else 1
+        self.rnns = nn.ModuleList(
+            nn.LSTM(cfg.project_dim if i == 0 else cfg.hidden_size * dirs, cfg.hidden_size, batch_first=True,
+                    bidirectional=cfg.bidirectional)
+            for i in range(cfg.num_layers)
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_size * dirs, vocab_size)
+
+    def forward(self, hs: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hs: (B, F, L, D) hidden states; lens: (B,) frames. Returns logits (B, F // stride, vocab), lengths."""
+        x = self.featurizer(hs)
+        x = self.specaug(x, lens)
+        if self.stride > 1:
+            B, T, D = x.shape
+            T = T // self.stride
+            x = x[:, : T * self.stride].reshape(B, T, D * self.stride)
+            lens = torch.div(lens, self.stride, rounding_mode="floor")
+        x = self.proj(x)
+        total = x.shape[1]
+        cpu_lens = lens.cpu().clamp(min=1)
+        for rnn in self.rnns:
+            packed = pack_padded_sequence(x, cpu_lens, batch_first=True, enforce_sorted=False)
+            y, _ = rnn(packed)
+            x, _ = pad_packed_sequence(y, batch_first=True, total_length=total)
+            x = self.dropout(x)
+        return self.out(x), lens
+
+
+# ------------------------------------------------------------------------------------- feature sources
+class CachedSource:
+    """Hidden states from the on-disk feature cache."""
+
+    def __init__(self, store, utts: Sequence):
+        by_id = {u.utt_id: u for u in utts}
+        self.store = store
+        self.utts = [by_id[i] for i in store.utt_ids]
+        rate = store.meta["downsample_rate"]
+        self.lengths_s = [n * rate / 16_000 for n in store.frames]
+        self.skipped = list(store.skipped)
+
+    def __len__(self):
+        return len(self.utts)
+
+    def batch(self, indices, device):
+        feats, lens = self.store.batch(indices)
+        return feats.to(device, non_blocking=True), lens, list(indices)
+
+
+class LiveSource:
+    """Runs the frozen upstream on every batch (no cache). Unreadable files are skipped with a warning."""
+
+    def __init__(self, upstream, utts: Sequence, read_audio, device):
+        self.upstream, self.utts, self.read_audio, self.device = upstream, list(utts), read_audio, device
+        self.lengths_s = [u.duration_s for u in self.utts]
+        self.skipped: list[str] = []
+        self.upstream_s, self.upstream_utts = 0.0, 0
+
+    def __len__(self):
+        return len(self.utts)
+
+    def batch(self, indices, device):
+        from qspeech.features import run_upstream
+
+        wavs, kept = [], []
+        for i in indices:
+            try:
+                wavs.append(self.read_audio(self.utts[i].path))
+                kept.append(i)
+            except DataError as e:
+                if str(self.utts[i].path) not in self.skipped:
+                    self.skipped.append(str(self.utts[i].path))
+                    log.warning("skipping unreadable audio %s: %s (%d skipped so far)", self.utts[i].path, e,
+                                len(self.skipped))
+        if not kept:
+            return None
+        t0 = time.perf_counter()
+        feats, lens = run_upstream(self.upstream, wavs, self.device)
+        self.upstream_s += time.perf_counter() - t0
+        self.upstream_utts += len(kept)
+        return feats.to(device), lens, kept
+
+
+# ---------------------------------------------------------------------------------------------- task
+class ASRTask:
+    """The `Trainable` for qspeech.train.fit."""
+
+    select_metric = "wer"
+
+    def __init__(self, model: ASRHead, sources: dict, cfg: ASRConfig, eval_batch_size: int = 16):
+        self.model, self.sources, self.cfg = model, sources, cfg
+        self.select_metric = cfg.select_metric
+        self.vocab = CharVocab()
+        self.eval_batch_size = eval_batch_size
+        self.targets = {s: [self.vocab.encode(u.text) for u in src.utts] for s, src in sources.items()}
+        self.last_predictions: dict[str, list[tuple[str, str, str]]] = {}
+
+    def train_lengths(self):
+        return self.sources["train"].lengths_s
+
+    def make_optimizer(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+
+    def make_batch(self, indices, device, split="train"):
+        got = self.sources[split].batch(indices, device)
+        if got is None:
+            return None
+        feats, lens, kept = got
+        tg = [self.targets[split][i] for i in kept]
+        return {"feats": feats, "lens": lens, "targets": torch.tensor([c for t in tg for c in t], dtype=torch.long),
+                "target_lens": torch.tensor([len(t) for t in tg], dtype=torch.long), "indices": kept}
+
+    def loss(self, batch):
+        logits, lens = self.model(batch["feats"], batch["lens"])
+        logp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
+        loss = F.ctc_loss(logp, batch["targets"].to(logp.device), lens.to(logp.device),
+                          batch["target_lens"].to(logp.device), blank=self.vocab.blank, reduction="mean",
+                          zero_infinity=self.cfg.zero_infinity)
+        return loss, len(batch["indices"])
+
+    def evaluate(self, split, device):
+        src = self.sources[split]
+        order = sorted(range(len(src)), key=lambda i: src.lengths_s[i])
+        refs, hyps, preds = [], [], []
+        for b in range(0, len(order), self.eval_batch_size):
+            batch = self.make_batch(order[b:b + self.eval_batch_size], device, split)
+            if batch is None:
+                continue
+            logits, lens = self.model(batch["feats"], batch["lens"])
+            for i, ids in zip(batch["indices"], greedy_decode(logits.float(), lens, self.vocab.blank)):
+                hyp, ref = self.vocab.decode(ids), src.utts[i].text
+                refs.append(ref)
+                hyps.append(hyp)
+                preds.append((src.utts[i].utt_id, ref, hyp))
+        self.last_predictions[split] = preds
+        return {"wer": wer_fn(refs, hyps), "cer": cer_fn(refs, hyps)}
+
+
+# ------------------------------------------------------------------------------------------ data api
+def data_api():
+    """qspeech.data's functions (a seam for tests): load_split, read_audio, config_fingerprint."""
+    import qspeech.data as d
+
+    return d
+
+
+def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
+    from qspeech.train import _plain
+
+    train = {k: v for k, v in _plain(cfg.train).items() if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
+    blob = json.dumps({"upstream": upstream_key, "task": _plain(cfg.task), "train": train, "data": data_fps,
+                       "seed": int(cfg.seed)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> dict:
+    """Train the ASR head on the frozen upstream's features, select on dev WER, report test WER."""
+    from qspeech.train import validate_train_config
+
+    tcfg = validate_task_config(cfg.task)
+    trcfg = validate_train_config(cfg.train)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if trcfg.num_threads:
+        torch.set_num_threads(trcfg.num_threads)
+    try:
+        return _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -> dict:
+    from qspeech import features
+    from qspeech.errors import TrainingError
+    from qspeech.train import autocast_ctx, fit, resolve_device, seed_everything
+
+    cache_dir = Path(str(cfg.cache_dir))
+    data = data_api()
+    splits = ("train", "dev", "test")
+    utts = {s: list(data.load_split(cfg.data, s, cache_dir)) for s in splits}
+    for s in splits:
+        if not utts[s]:
+            raise DataError(f"the {s} split of data={cfg.data.get('name', '?')} is empty")
+    data_fps = {s: data.config_fingerprint(cfg.data, s) for s in splits}
+
+    device = resolve_device(trcfg)
+    orig_device = next(upstream.parameters()).device
+    upstream.eval().requires_grad_(False).to(device)
+
+    est = sum(features.estimate_bytes(upstream, sum(u.duration_s for u in utts[s])) for s in splits)
+    use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
+    if trcfg.cache_features == "auto" and not use_cache:
+        log.warning("feature cache off: ~%.1f GB of features exceeds train.cache_max_gb=%s", est / 1e9,
+                    trcfg.cache_max_gb)
+    sources, statuses, up_rates = {}, [], []
+    try:
+        for s in splits:
+            if use_cache:
+                store, st = features.load_or_build(
+                    upstream, upstream_key, data_fps[s], utts[s], data.read_audio, cache_dir, device=device,
+                    batch_s=trcfg.feature_batch_s, progress=progress, desc=f"upstream {s}")
+                statuses.append(st)
+                if store.meta.get("upstream_utts_per_s"):
+                    up_rates.append((len(store), len(store) / store.meta["upstream_utts_per_s"]))
+                sources[s] = CachedSource(store, utts[s])
+            else:
+                sources[s] = LiveSource(upstream, utts[s], data.read_audio, device)
+            if len(sources[s]) == 0:
+                raise DataError(f"no readable audio in the {s} split")
+
+        seed_everything(int(cfg.seed))
+        model = ASRHead(upstream.num_hidden, upstream.hidden_size, len(CharVocab()), tcfg)
+        task = ASRTask(model, sources, tcfg, trcfg.eval_batch_size)
+        state_dir = Path(trcfg.ckpt_dir) if trcfg.ckpt_dir else cache_dir / "runs" / _run_key(cfg, upstream_key,
+                                                                                                data_fps)
+        res = fit(task, trcfg, seed=int(cfg.seed), state_dir=state_dir, run_dir=run_dir, progress=progress,
+                  on_step=on_step, desc=f"asr {tcfg.name}")
+        with torch.no_grad(), autocast_ctx(trcfg, device):
+            test = task.evaluate("test", device)
+        if not np.isfinite(test["wer"]):
+            raise TrainingError("test WER is not finite: the test split has no scorable transcripts")
+    finally:
+        upstream.to(orig_device)
+
+    with open(run_dir / "test_predictions.tsv", "w") as f:
+        f.write("utt_id\tref\thyp\n")
+        for row in task.last_predictions.get("test", []):
+            f.write("\t".join(row) + "\n")
+    torch.save({"model": model.state_dict(), "vocab": task.vocab.symbols, "task": dataclasses.asdict(tcfg),
+                "best_step": res.best_step}, run_dir / "downstream.pt")
+
+    if use_cache:
+        n = sum(k for k, _ in up_rates)
+        secs = sum(t for _, t in up_rates)
+        up_rate = n / secs if secs else None
+    else:
+        live = [sources[s] for s in splits]
+        secs = sum(x.upstream_s for x in live)
+        up_rate = sum(x.upstream_utts for x in live) / secs if secs else None
+    skipped = sorted({p for s in splits for p in sources[s].skipped})
+    n_used = {s: len(sources[s]) - (len(sources[s].skipped) if isinstance(sources[s], LiveSource) else 0)
+              for s in splits}
+    return {
+        "metric": "wer",
+        "value": float(test["wer"]),
+        "dev_wer": float(res.best.get("wer", float("nan"))),
+        "cer": float(test["cer"]),
+        "dev_cer": float(res.best.get("cer", float("nan"))),
+        "steps": res.steps,
+        "best_step": res.best_step,
+        "train_wall_s": round(res.train_wall_s, 3),
+        "upstream_utts_per_s": round(up_rate, 3) if up_rate else None,
+        "train_utts_per_s": round(res.train_items_per_s, 3),
+        "layer_weights": [round(w, 6) for w in model.featurizer.layer_weights()],
+        "n_train": n_used["train"],
+        "n_dev": n_used["dev"],
+        "n_test": n_used["test"],
+        "skipped_audio": len(skipped),
+        "feature_cache": ("hit" if all(s == "hit" for s in statuses) else "miss") if use_cache else "off",
+        "resumed_from_step": res.resumed_from,
+        "device": str(device),
+        "head_params": sum(p.numel() for p in model.parameters()),
+    }

@@ -1,0 +1,106 @@
+"""Feature cache: hits on a second run, misses on a changed upstream, never serves a partial directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from qspeech import features
+from qspeech.features import FeatureStore, cache_key, load_or_build
+
+from test_asr_fixture import read_audio, tiny_upstream, write_corpus
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    return tiny_upstream()
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "wav", {"train": 4}, seconds=(0.3, 0.5))["train"]
+
+
+def _build(upstream, utts, cache, key="up-a", reader=read_audio, batch_s=1.0):
+    return load_or_build(upstream, key, "data-fp", utts, reader, cache, device=torch.device("cpu"), batch_s=batch_s)
+
+
+def test_second_run_hits_and_matches_upstream(upstream, corpus, tmp_path):
+    store, st = _build(upstream, corpus, tmp_path / "c")
+    assert st == "miss" and len(store) == 4 and store.utt_ids == [u.utt_id for u in corpus]
+    store2, st2 = _build(upstream, corpus, tmp_path / "c")
+    assert st2 == "hit" and store2.path == store.path
+    assert store.meta["upstream_utts_per_s"] > 0
+    # with one utterance per upstream batch, the cached states are the upstream's on it alone, in fp16
+    store, _ = _build(upstream, corpus, tmp_path / "c1", batch_s=0.01)
+    wav = read_audio(corpus[0].path)
+    with torch.no_grad():
+        out = upstream(torch.from_numpy(wav)[None], torch.tensor([len(wav)]))
+    ref = torch.stack(out.hidden_states, dim=2)[0, : int(out.lengths[0])]
+    got = torch.from_numpy(np.array(store.get(0))).float()
+    assert got.shape == ref.shape == (store.frames[0], upstream.num_hidden, upstream.hidden_size)
+    assert torch.allclose(got, ref.half().float())
+    feats, lens = store2.batch([1, 0])
+    assert feats.shape[0] == 2 and lens.tolist() == [store.frames[1], store.frames[0]]
+
+
+def test_changed_upstream_key_or_utterances_miss(upstream, corpus, tmp_path):
+    _build(upstream, corpus, tmp_path / "c")
+    assert _build(upstream, corpus, tmp_path / "c", key="up-b")[1] == "miss"
+    assert _build(upstream, corpus[:3], tmp_path / "c")[1] == "miss"
+    assert cache_key("a", "d", corpus) != cache_key("a", "d2", corpus)
+
+
+def test_crash_mid_build_leaves_nothing_served(upstream, corpus, tmp_path):
+    calls = {"n": 0}
+
+    def flaky(path):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("killed")
+        return read_audio(path)
+
+    with pytest.raises(RuntimeError):
+        _build(upstream, corpus, tmp_path / "c", reader=flaky)
+    root = tmp_path / "c" / "features"
+    assert list(root.iterdir()) == []  # neither a final dir nor the temp dir
+    assert _build(upstream, corpus, tmp_path / "c")[1] == "miss"
+
+
+def test_partial_cache_dir_is_not_served(upstream, corpus, tmp_path):
+    store, _ = _build(upstream, corpus, tmp_path / "c")
+    path = store.path
+    # a directory without meta.json (e.g. copied half-way, or written by a crashed older version)
+    (path / "meta.json").unlink()
+    s2, st = _build(upstream, corpus, tmp_path / "c")
+    assert st == "miss" and (path / "meta.json").exists()
+    # a truncated shard
+    shard = path / "shard_00000.npy"
+    shard.write_bytes(shard.read_bytes()[:200])
+    s3, st = _build(upstream, corpus, tmp_path / "c")
+    assert st == "miss" and len(s3) == 4
+    # a stale temp dir of a dead process is cleaned
+    stale = path.parent / ".tmp-deadbeef-999999999-abcd"
+    stale.mkdir()
+    _build(upstream, corpus, tmp_path / "c", key="up-z")
+    assert not stale.exists()
+
+
+def test_unreadable_audio_is_skipped_with_warning(upstream, corpus, tmp_path, caplog):
+    bad = corpus[2].path
+    with open(bad, "wb") as f:
+        f.write(b"not a wav file")
+    with caplog.at_level(logging.WARNING, logger="qspeech.features"):
+        store, _ = _build(upstream, corpus, tmp_path / "c")
+    assert len(store) == 3 and store.skipped == [bad] and corpus[2].utt_id not in store.utt_ids
+    text = caplog.text
+    assert os.path.basename(bad) in text and "1 of 4" in text
+
+
+def test_estimate_bytes(upstream):
+    # 10 s at 50 frames/s, 7 states of 256 fp16
+    assert features.estimate_bytes(upstream, 10.0) == 500 * 7 * 256 * 2
