@@ -1,0 +1,149 @@
+"""quantize_ (in place, torchao style) and access to the quantized modules' parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qspeech.quant.config import as_quant_config, validate_quant_config
+from qspeech.quant.modules import (
+    ActQuantizer,
+    BinaryWeight,
+    BitMultiWeight,
+    KMeansWeight,
+    LSQWeight,
+    RTNWeight,
+    WeightQuantizer,
+    dequantize_parts,
+    input_quant_hook,
+)
+from qspeech.quant.targets import select_targets
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The s3prl model of an Upstream (module names as select_targets sees them), else the model itself."""
+    from qspeech.upstream import Upstream
+
+    return model.model if isinstance(model, Upstream) else model
+
+
+def make_weight_quantizer(cfg, w: torch.Tensor, bits: int) -> WeightQuantizer:
+    cfg = as_quant_config(cfg)
+    if cfg.method == "rtn":
+        return RTNWeight(w, bits, cfg.granularity, cfg.group_size, cfg.symmetric, cfg.clip)
+    if cfg.method == "kmeans":
+        return KMeansWeight(w, bits, cfg.granularity, cfg.iters, cfg.seed)
+    if cfg.method == "lsq":
+        return LSQWeight(w, bits, cfg.granularity, cfg.group_size)
+    if cfg.method == "bit":
+        if bits == 1:
+            return BinaryWeight(w, cfg.granularity, cfg.group_size)
+        return BitMultiWeight(w, bits, cfg.granularity, cfg.group_size)
+    raise ValueError(cfg.method)
+
+
+def weight_quantizer(module: nn.Module) -> WeightQuantizer | None:
+    """The qspeech quantizer parametrizing module.weight, or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations.weight:
+        if isinstance(p, WeightQuantizer):
+            return p
+    return None
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """name (relative to the s3prl model) -> module, for every module with a qspeech weight quantizer."""
+    return {n: m for n, m in _inner(model).named_modules() if weight_quantizer(m) is not None}
+
+
+def _remove_weight_norm(module: nn.Module) -> None:
+    # s3prl's pos_conv uses the hook-based nn.utils.weight_norm, which reassigns .weight every forward.
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in list(module._forward_pre_hooks.values()):
+        if isinstance(hook, WeightNorm):
+            torch.nn.utils.remove_weight_norm(module, hook.name)
+
+
+def _force_projection_calls(model: nn.Module, names) -> None:
+    """fairseq's MultiheadAttention passes q/k/v/out_proj.weight to F.multi_head_attention_forward, so their
+    forward (and an input quantizer's pre-hook) never runs; its own path calls the projections."""
+    parents = {n.rsplit(".", 1)[0] for n in names if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    mods = dict(model.named_modules())
+    for p in parents:
+        attn = mods.get(p)
+        if attn is not None and hasattr(attn, "skip_embed_dim_check"):
+            attn.skip_embed_dim_check = True
+
+
+def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
+    """Fake-quantize, in place, the modules that select_targets picks for (cfg, bits); returns model.
+
+    Accepts the s3prl model or an Upstream (its .model is quantized). Modules that already carry a
+    qspeech quantizer are left as they are, so applying it twice changes nothing. bits=32 with no
+    overrides below 32 quantizes nothing.
+    """
+    inner = _inner(model)
+    cfg = validate_quant_config(cfg, bits, model=inner)
+    chosen = select_targets(inner, int(bits), cfg.targets, cfg.exclude, cfg.overrides)
+    mods = dict(inner.named_modules())
+    for name, b in chosen.items():
+        module = mods[name]
+        if weight_quantizer(module) is not None:
+            continue
+        _remove_weight_norm(module)
+        q = make_weight_quantizer(cfg, module.weight.detach(), b)
+        parametrize.register_parametrization(module, "weight", q)
+        if cfg.act_bits is not None:
+            module.input_quant = ActQuantizer(int(cfg.act_bits), elastic=cfg.method == "bit")
+            module.register_forward_pre_hook(input_quant_hook)
+    if cfg.act_bits is not None:
+        _force_projection_calls(inner, chosen)
+    return model
+
+
+def remove_quantization_(model: nn.Module, keep: str = "latent") -> nn.Module:
+    """Undo quantize_: keep='latent' restores the latent full-precision weights, keep='quantized' bakes the
+    fake-quantized weights into plain parameters. Input quantizers are removed either way."""
+    for _, module in quantized_modules(model).items():
+        # deepcopies of a parametrized module share its generated class; removing the parametrization
+        # deletes the property from that class, so give this module a class of its own first.
+        cls = module.__class__
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=keep == "quantized")
+        for k, h in list(module._forward_pre_hooks.items()):
+            if h is input_quant_hook:
+                del module._forward_pre_hooks[k]
+        if hasattr(module, "input_quant"):
+            del module.input_quant
+    return model
+
+
+@torch.no_grad()
+def quantized_weight_parts(module: nn.Module) -> dict:
+    """Integer codes and the scales / zero points / codebook of a quantized module, exactly as its forward
+    uses them: `dequantize_parts(parts)` equals module.weight bit for bit.
+
+    Keys: method, bits, granularity, group_size (group only), shape, format ('symmetric': w = q*s,
+    'affine': w = (q - z)*s with q in [0, 2^b-1], 'binary': w = (2q - 1)*s with q in {0, 1}, 'codebook':
+    w = codebook[q]), codes (int32, the weight's shape; signed for 'symmetric'), and scale / zero_point
+    shaped (R, G) or codebook (R, 1, 2^b): R = 1 (tensor) or out channels, G = 1 or row/group_size
+    groups of consecutive weights of the row-major flattened row. 'act' (if the input is quantized):
+    bits, signed, alpha, beta (x_q = alpha*sign(x - beta) at 1 signed bit, else
+    alpha*round(clip((x - beta)/alpha, Qn, Qp))).
+    """
+    q = weight_quantizer(module)
+    if q is None:
+        raise ValueError("module has no qspeech weight quantizer")
+    parts = q.parts(module.parametrizations.weight.original)
+    if isinstance(getattr(module, "input_quant", None), ActQuantizer):
+        aq = module.input_quant
+        parts["act"] = {"bits": aq.bits, "signed": bool(aq.signed), "elastic": aq.elastic,
+                        "alpha": float(aq.alpha.abs().clamp_min(1e-8)), "beta": float(aq.beta)}
+    return parts
+
+
+__all__ = ["quantize_", "remove_quantization_", "quantized_modules", "quantized_weight_parts", "weight_quantizer",
+           "dequantize_parts", "make_weight_quantizer"]
