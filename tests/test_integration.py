@@ -1,0 +1,79 @@
+"""The real CLI end to end on the smoke recipe: run, sweep, report, kill + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+
+SMOKE = ["experiment=smoke", "train.num_threads=1"]
+
+
+def _results(root: Path):
+    return [json.loads(p.read_text()) for p in sorted((root / "outputs").rglob("result.json"))]
+
+
+def test_run_then_sweep_then_report(tmp_path):
+    proc = run_cli("run", *SMOKE, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [res] = _results(tmp_path)
+    assert res["status"] == "ok" and res["metric"] == "wer" and 0 <= res["value"]
+    assert res["params"] == 5_298_752 and res["est_runtime"] == 1.0
+    assert res["config"]["model"]["name"] == "tiny_hubert" and res["timings"]["wall_s"] > 0
+    assert len(res["metrics"]["layer_weights"]) == 7
+
+    proc = run_cli("run", "-m", *SMOKE, "bits=2,32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = _results(tmp_path)
+    # bits=32 is the same experiment as the first run (same folder, one row); bits=2 is new
+    assert sorted(r["bits"] for r in results) == [2, 32]
+    two = next(r for r in results if r["bits"] == 2)
+    assert two["quantized_params"] == 4_718_592 and two["est_runtime"] < 1.0 and two["storage_mb"] < res["storage_mb"]
+
+    proc = run_cli("report", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "outputs" / "results.csv")
+    ours = table[table.source == "qspeech"]
+    assert sorted(ours.bits) == [2, 32] and set(ours.status) == {"ok"}
+    assert (tmp_path / "outputs" / "report.md").read_text().count("tiny_hubert") >= 2
+
+
+def test_sweep_failure_does_not_stop_other_jobs(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    proc = run_cli("run", "-m", *SMOKE, f"model.ckpt={bad},null", "model.init=pretrained,random", cwd=tmp_path)
+    # (bad ckpt, pretrained) fails; jobs with init=random ignore the file and run
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    statuses = sorted(r["status"] for r in _results(tmp_path))
+    assert "failed" in statuses and "ok" in statuses
+    assert "Traceback" not in proc.stderr
+
+
+def test_killed_run_resumes_to_one_result(tmp_path):
+    env = {**os.environ, "QSPEECH_CACHE": str(tmp_path / "cache")}
+    args = [*SMOKE, "train.max_steps=12", "train.eval_every=3"]
+    exe = Path(sys.executable).parent / "qspeech"
+    proc = subprocess.Popen([str(exe), "run", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    ckpts = []
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list((tmp_path / "cache" / "runs").rglob("*.pt")) if (tmp_path / "cache" / "runs").exists() else []
+        if ckpts:
+            break
+        time.sleep(0.5)
+    assert ckpts and proc.poll() is None, "no training checkpoint appeared before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    restarted = run_cli("run", *args, cwd=tmp_path, env=env)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    results = _results(tmp_path)
+    assert len(results) == 1 and results[0]["status"] == "ok"
+    assert results[0]["metrics"]["resumed_from_step"] >= 3
