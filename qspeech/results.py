@@ -45,14 +45,18 @@ def git_commit() -> str | None:
         return None
 
 
-def collect(root: str | Path) -> tuple[list[dict], list[str]]:
-    """Every result.json under root: (results, problems). Unreadable files are reported, not fatal."""
+COST_FILE = "cost.json"
+
+
+def collect(root: str | Path, name: str = RESULT_FILE,
+            required: frozenset = frozenset({"model", "bits", "task", "status"})) -> tuple[list[dict], list[str]]:
+    """Every `name` file under root: (results, problems). Unreadable files are reported, not fatal."""
     results, problems = [], []
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
+    for path in sorted(Path(root).rglob(name)):
         try:
             data = json.loads(path.read_text())
-            if not isinstance(data, dict) or not {"model", "bits", "task", "status"} <= data.keys():
-                raise ValueError("missing model/bits/task/status")
+            if not isinstance(data, dict) or not required <= data.keys():
+                raise ValueError(f"missing {'/'.join(sorted(required))}")
         except (OSError, ValueError) as e:
             problems.append(f"{path}: unreadable result ({str(e).splitlines()[0][:100]}); skipped")
             continue

@@ -84,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
         timings["load_s"] = time.perf_counter() - t
 
         cost = compute_cost(cfg, upstream)
-        write_json_atomic(run_dir / "cost.json", cost.to_dict())
+        write_json_atomic(run_dir / "cost.json", cost.to_dict() | {k: result[k] for k in ("model", "quant", "targets", "bits")})
         result.update(params=cost.params, quantized_params=cost.quantized_params, macs=cost.macs,
                       storage_mb=round(cost.storage_mb, 4), est_runtime=round(cost.est_runtime, 4))
 

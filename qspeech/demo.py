@@ -1,0 +1,78 @@
+"""`qspeech demo` / `make demo`: the paper's study in miniature on the offline default.
+
+tiny_hubert at 32/8/4/2/1 bits with rtn and with BiT-style QAT, its random-initialised twin and
+tiny_distilhubert, all on the ASR task of the synthesized corpus; then the report. Jobs run as separate
+`qspeech run` processes (two at a time, one thread each: on two cores that beats one job with two
+threads). Rerunning reuses everything: each experiment's folder, trained head, features and QAT cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from qspeech.errors import QSpeechError
+
+COMMON = ["experiment=demo"]
+STUDY: list[tuple[str, list[str]]] = [
+    ("tiny_hubert full precision", ["bits=32"]),
+    *[(f"tiny_hubert rtn {b}-bit", ["quant=rtn", f"bits={b}"]) for b in (8, 4, 2, 1)],
+    *[(f"tiny_hubert bit (QAT) {b}-bit", ["quant=bit", f"bits={b}"]) for b in (2, 1)],
+    ("tiny_hubert random init", ["model.init=random", "bits=32"]),
+    ("tiny_distilhubert full precision", ["model=tiny_distilhubert", "bits=32"]),
+]
+
+
+def _run_job(label: str, overrides: list[str], log_dir: Path, threads: int) -> tuple[str, int, float, Path]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    exe = Path(sys.executable).parent / "qspeech"
+    cmd = [str(exe) if exe.exists() else "qspeech", "run", *COMMON, *overrides, f"train.num_threads={threads}",
+           "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    log = log_dir / (label.replace(" ", "_").replace("(", "").replace(")", "") + ".log")
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd[1:]) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    return label, rc, time.perf_counter() - t, log
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="qspeech demo", description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int, default=2, help="experiments run at once (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per experiment (default 1)")
+    p.add_argument("--outputs", default="outputs", help="where runs and the report go (default outputs)")
+    args = p.parse_args(argv)
+
+    from qspeech.report import make_report
+    from qspeech.upstream.checkpoints import ASSET_DIR
+
+    missing = [a for a in ("tiny_hubert.pt", "tiny_distilhubert.ckpt") if not (ASSET_DIR / a).is_file()]
+    if missing:
+        raise QSpeechError(f"packaged checkpoints missing from {ASSET_DIR}: {', '.join(missing)}; "
+                           f"rebuild them with `make assets`")
+    log_dir = Path(args.outputs) / "demo-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"qspeech demo: {len(STUDY)} experiments, {args.jobs} at a time; logs in {log_dir}/", flush=True)
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(_run_job, label, ov, log_dir, args.threads) for label, ov in STUDY]
+        for fut in as_completed(futures):
+            label, rc, secs, log = fut.result()
+            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {log})"
+            print(f"  [{time.perf_counter() - t0:6.0f} s] {label}: {status} in {secs:.0f} s", flush=True)
+            if rc != 0:
+                failed.append(label)
+    out = make_report(args.outputs)
+    print(Path(out["markdown"]).read_text())
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"qspeech demo: done in {minutes:.1f} min; report: {out['markdown']} (table), {out['csv']}"
+          + (f", {out['plot']} (plots)" if out["plot"] else ""))
+    if failed:
+        raise QSpeechError(f"{len(failed)} demo experiment(s) failed: {', '.join(failed)}; see {log_dir}/")
