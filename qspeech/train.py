@@ -182,7 +182,10 @@ def epoch_batches(lengths: Sequence[float], cfg: TrainConfig, seed: int, epoch: 
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state as plain values + a tensor, so the checkpoint loads with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -190,7 +193,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -209,9 +213,9 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _load(path: Path) -> dict:
-    # Our own checkpoints: tensors, numbers, strings, numpy RNG state (an ndarray + scalars).
+    # Our own checkpoints hold only tensors, numbers, strings and containers: no unpickling needed.
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise TrainingError(f"cannot read training checkpoint {path} ({type(e).__name__}: {e}); "
                             f"delete it or set train.resume=false") from None
