@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,8 @@ commands:
              (e.g. `qspeech run model=hubert bits=2 task=asr`, `qspeech run -m bits=1,2,4,8,32`)
   cost       storage / MACs / estimated runtime of a quantized upstream, no data or training (cost.json)
   report     collect outputs/**/result.json into outputs/results.csv, report.md and report.png
+  export     write the quantized upstream as a bit-packed safetensors file and check it reloads exactly
+  bench      measured forward latency: torch fp32, onnxruntime fp32, bf16, int8, 4/2/1-bit packed kernels
   data       build / check a dataset (the offline corpus is built on first use anyway)
   pretrain   HuBERT pretraining of tiny_hubert on the offline corpus
   distill    DistilHuBERT distillation of tiny_hubert into tiny_distilhubert
@@ -222,6 +225,18 @@ def _cmd_cost(cfg: DictConfig, run_dir: Path) -> dict:
     return out
 
 
+def _cmd_export(cfg: DictConfig, run_dir: Path):
+    from qspeech.quant.export import main as export_main
+
+    return export_main(cfg, run_dir)
+
+
+def _cmd_bench(cfg: DictConfig, run_dir: Path):
+    from qspeech.bench import main as bench_main
+
+    return bench_main(cfg, run_dir)
+
+
 def _cmd_data(cfg: DictConfig, run_dir: Path) -> dict:
     import json
 
@@ -273,6 +288,8 @@ def _cmd_demo(argv: list[str]) -> None:
 HYDRA_COMMANDS = {
     "run": ("config", _cmd_run, _validate_run),
     "cost": ("config", _cmd_cost, _validate_cost),
+    "export": ("config", _cmd_export, _validate_cost),
+    "bench": ("config", _cmd_bench, _validate_cost),
     "data": ("config", _cmd_data, None),
     "pretrain": ("pretrain", _cmd_pretrain, None),
     "distill": ("distill", _cmd_distill, None),
@@ -283,6 +300,8 @@ PLAIN_COMMANDS = {"report": _cmd_report, "assets": _cmd_assets, "demo": _cmd_dem
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.getLogger("s3prl").setLevel(logging.WARNING)
+    # s3prl builds pos_conv with the old weight_norm API; the deprecation note is noise for users.
+    warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return

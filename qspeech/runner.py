@@ -90,6 +90,10 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
 
         t = time.perf_counter()
         upstream = _quantize(cfg, upstream, run_dir, progress)
+        # Evaluate exactly what the packed file stores: fp16 scales and fp16 non-quantized tensors.
+        from qspeech.quant.export import round_to_storage_
+
+        round_to_storage_(upstream)
         timings["quantize_s"] = time.perf_counter() - t
 
         from qspeech.tasks import run_task
@@ -130,9 +134,7 @@ def _quantize(cfg: DictConfig, upstream, run_dir: Path, progress: bool):
 
 
 def _export(cfg: DictConfig, upstream, run_dir: Path) -> dict:
-    try:
-        from qspeech.quant.export import export_packed
-    except ImportError:
-        return {}
+    from qspeech.quant.export import export_packed
+
     path = export_packed(upstream, cfg.quant, int(cfg.bits), run_dir / "upstream.packed.safetensors")
     return {"packed_path": str(path), "packed_mb": round(path.stat().st_size / 1e6, 4)}

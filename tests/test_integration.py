@@ -21,7 +21,7 @@ def _results(root: Path):
 
 
 def test_run_then_sweep_then_report(tmp_path):
-    proc = run_cli("run", *SMOKE, cwd=tmp_path)
+    proc = run_cli("run", *SMOKE, "export=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [res] = _results(tmp_path)
     assert res["status"] == "ok" and res["metric"] == "wer" and 0 <= res["value"]
@@ -29,13 +29,15 @@ def test_run_then_sweep_then_report(tmp_path):
     assert res["config"]["model"]["name"] == "tiny_hubert" and res["timings"]["wall_s"] > 0
     assert len(res["metrics"]["layer_weights"]) == 7
 
-    proc = run_cli("run", "-m", *SMOKE, "bits=2,32", cwd=tmp_path)
+    proc = run_cli("run", "-m", *SMOKE, "export=true", "bits=2,32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = _results(tmp_path)
     # bits=32 is the same experiment as the first run (same folder, one row); bits=2 is new
     assert sorted(r["bits"] for r in results) == [2, 32]
     two = next(r for r in results if r["bits"] == 2)
     assert two["quantized_params"] == 4_718_592 and two["est_runtime"] < 1.0 and two["storage_mb"] < res["storage_mb"]
+    # the packed file is the accounted size up to headers and metadata
+    assert abs(two["packed_mb"] - two["storage_mb"]) / two["storage_mb"] < 0.03
 
     proc = run_cli("report", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

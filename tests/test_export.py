@@ -1,0 +1,144 @@
+"""Bit-packed export of quantized upstreams: packing layout, exact reload, size vs accounting."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_upstream
+from qspeech.quant import QuantConfig, overhead_values, quantize_, quantized_modules
+from qspeech.quant.distill import clone_upstream
+from qspeech.quant.export import (
+    FORMAT,
+    export_packed,
+    is_storage_exact,
+    load_packed,
+    pack_codes,
+    packed_nbytes,
+    read_packed,
+    round_to_storage_,
+    unpack_codes,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_upstream("tiny_hubert")
+
+
+@pytest.fixture(scope="module")
+def wav():
+    return torch.randn(2, 3200, generator=torch.Generator().manual_seed(1)) * 0.1
+
+
+def _hidden(up, wav):
+    lens = torch.tensor([wav.shape[1], wav.shape[1] - 800])
+    with torch.inference_mode():
+        return up(wav, lens).hidden_states
+
+
+def test_pack_2bit_hand_made():
+    # LSB first: byte = c0 | c1 << 2 | c2 << 4 | c3 << 6; the tail byte is zero-padded.
+    codes = torch.tensor([[0, 1, 2, 3, 3], [2, 1, 0, 1, 2]])
+    packed = pack_codes(codes, 2)
+    # stream: 0,1,2,3 | 3,2,1,0 | 1,2
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == [0b11100100, 0b00011011, 0b00001001]
+    assert unpack_codes(packed, 2, 10).tolist() == codes.reshape(-1).tolist()
+
+
+def test_pack_1_4_8_3_bit_layout():
+    assert pack_codes(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1]), 1).tolist() == [0b10000001, 0b1]
+    assert pack_codes(torch.tensor([0xA, 0x5, 0x3]), 4).tolist() == [0x5A, 0x03]
+    assert pack_codes(torch.tensor([7, 200]), 8).tolist() == [7, 200]
+    # 3 bits: code i at stream bits [3i, 3i+3): 5 | 3<<3 | 7<<6 = 0b11_011_101 then the high bit of 7
+    assert pack_codes(torch.tensor([5, 3, 7]), 3).tolist() == [0b11011101, 0b1]
+    assert pack_codes(torch.tensor([0x1234]), 16).tolist() == [0x34, 0x12]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8, 16])
+def test_pack_roundtrip(bits):
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 9, 1000):
+        codes = torch.randint(0, 2**bits, (n,), generator=g)
+        packed = pack_codes(codes, bits)
+        assert packed.numel() == packed_nbytes(n, bits)
+        assert torch.equal(unpack_codes(packed, bits, n), codes)
+    with pytest.raises(ValueError):
+        pack_codes(torch.tensor([2**bits]), bits)
+
+
+CASES = [
+    ("rtn", 1, {}), ("rtn", 2, {}), ("rtn", 4, {}), ("rtn", 8, {}),
+    ("rtn", 3, {"symmetric": False}), ("rtn", 2, {"granularity": "group", "group_size": 128}),
+    ("kmeans", 2, {"iters": 5}), ("lsq", 2, {}), ("bit", 1, {}), ("bit", 2, {"act_bits": 2}),
+    ("rtn", 4, {"targets": ["all"]}),
+]
+
+
+@pytest.mark.parametrize("method,bits,extra", CASES, ids=[f"{m}{b}{'-' + '-'.join(e) if e else ''}" for m, b, e in CASES])
+def test_export_load_identical(tiny, wav, tmp_path, method, bits, extra):
+    up = clone_upstream(tiny)
+    qc = QuantConfig(method=method, **extra)
+    quantize_(up, qc, bits)
+    if qc.act_bits:
+        _hidden(up, wav)  # initialises the activation quantizers
+    round_to_storage_(up)
+    assert is_storage_exact(up)
+    path = export_packed(up, qc, bits, tmp_path / "up.safetensors")
+    loaded = load_packed(path)
+    a, b = _hidden(up, wav), _hidden(loaded, wav)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert float((x - y).abs().max()) == 0.0
+    _, meta = read_packed(path)
+    assert meta["format"] == FORMAT and meta["exact"] is True and meta["bits"] == bits
+    assert meta["arch"] == "hubert" and meta["quant"]["method"] == method
+    assert set(meta["modules"]) == set(quantized_modules(up))
+    assert all(m["bits"] == bits for m in meta["modules"].values())
+
+
+def test_round_to_storage_is_idempotent_and_export_flags_inexact(tiny, wav, tmp_path):
+    up = clone_upstream(tiny)
+    quantize_(up, QuantConfig(), 4)
+    assert not is_storage_exact(up)
+    path = export_packed(up, QuantConfig(), 4, tmp_path / "inexact.safetensors")
+    assert read_packed(path)[1]["exact"] is False
+    first = round_to_storage_(up)
+    assert first["changed"] > 0
+    assert round_to_storage_(up)["changed"] == 0
+
+
+def test_packed_codes_match_parts(tiny, tmp_path):
+    from qspeech.quant import quantized_weight_parts
+    from qspeech.quant.export import unpacked_parts
+
+    up = clone_upstream(tiny)
+    quantize_(up, QuantConfig(), 2)
+    round_to_storage_(up)
+    path = export_packed(up, QuantConfig(), 2, tmp_path / "p.safetensors")
+    tensors, meta = read_packed(path)
+    name = "encoder.layers.0.fc1"
+    parts = quantized_weight_parts(dict(up.model.named_modules())[name])
+    got = unpacked_parts(tensors, name, meta["modules"][name])
+    assert torch.equal(got["codes"], parts["codes"]) and torch.equal(got["scale"], parts["scale"])
+    assert tensors[f"q::{name}.codes"].numel() == parts["codes"].numel() * 2 // 8
+    assert tensors[f"q::{name}.scale"].dtype == torch.float16
+    assert all(t.dtype != torch.float32 for t in tensors.values())
+    json.dumps(meta)  # metadata decodes to plain JSON values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_packed_size_matches_accounting_hubert_base(tmp_path, bits):
+    from qspeech.cost import account
+    from qspeech.quant.targets import select_targets
+
+    base = random_upstream("hubert")
+    qc = QuantConfig()
+    chosen = select_targets(base.model, bits, qc.targets, qc.exclude, qc.overrides)
+    storage_mb = account(base, chosen, lambda s, b: overhead_values(qc, s, b), 0.1).storage_mb
+    quantize_(base, qc, bits)
+    round_to_storage_(base)
+    packed_mb = export_packed(base, qc, bits, tmp_path / "base.safetensors").stat().st_size / 1e6
+    assert abs(packed_mb / storage_mb - 1) < 0.02, (packed_mb, storage_mb)
