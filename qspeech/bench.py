@@ -646,6 +646,7 @@ def main(cfg, run_dir=None) -> dict:
                          threads=b.get("threads"), repeats=int(b.get("repeats", 5)), warmup=int(b.get("warmup", 1)),
                          quant_cfg=cfg.quant, variants=b.get("variants"), onnx=bool(b.get("onnx", True)),
                          cnn_int8=bool(b.get("cnn_int8", True)), seed=int(cfg.seed), progress=True)
+    out["model"] = cfg.model.name  # lets the report put measured speed-ups beside matching runs
     write_json_atomic(run_dir / "bench.json", out)
     print(format_table(out))
     print(f"-> {run_dir / 'bench.json'}")

@@ -11,10 +11,14 @@ import pandas as pd
 from qspeech import paper
 from qspeech.results import COST_FILE, collect
 
+BENCH_FILE = "bench.json"
+VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits_3bit", 2: "nbits_2bit",
+                    1: "nbits_1bit"}
+
 KEY = ["model", "init", "quant", "bits", "task", "data"]
 COLUMNS = KEY + [
     "source", "status", "metric", "value", "dev_value", "storage_mb", "packed_mb", "est_runtime",
-    "measured_speedup", "params", "quantized_params", "macs", "runtime_vs_teacher", "storage_vs_distil",
+    "measured_speedup", "measured_vs_ort", "params", "quantized_params", "macs", "runtime_vs_teacher", "storage_vs_distil",
     "runtime_vs_distil", "metric_vs_distil", "error", "run_dir",
 ]
 DISTIL_OF = {"tiny_hubert": "tiny_distilhubert", "tiny_distilhubert": "tiny_distilhubert"}
@@ -76,6 +80,27 @@ def build_table(results: list[dict]) -> pd.DataFrame:
                              ascending=[False, True, True, True, True, False, True], ignore_index=True)
 
 
+def add_measured_speed(table: pd.DataFrame, benches: list[dict]) -> pd.DataFrame:
+    """Measured speed-ups from `qspeech bench` runs (the latest per model and quant method) beside the
+    estimate: the kernel that runs each bit-width (int8 W8A8, MatMulNBits 4/2 bits, 1 bit as 2-bit codes)."""
+    table = table.copy()
+    latest: dict[tuple, dict] = {}
+    for b in sorted(benches, key=lambda b: b.get("_mtime", 0)):
+        latest[(b.get("model"), (b.get("quant") or {}).get("method") if isinstance(b.get("quant"), dict)
+                else b.get("quant"))] = b
+    for idx, row in table.iterrows():
+        if row["source"] != "qspeech":
+            continue
+        bench = latest.get((row["model"], str(row["quant"]).split("[")[0])) or (
+            latest.get(next((k for k in latest if k[0] == row["model"]), None)) if row["bits"] >= 32 else None)
+        variant = (bench or {}).get("variants", {}).get(VARIANT_FOR_BITS.get(int(row["bits"]), ""))
+        if variant and variant.get("measured_speedup"):
+            table.at[idx, "measured_speedup"] = round(float(variant["measured_speedup"]["vs_torch_fp32"]), 2)
+            vs_ort = variant["measured_speedup"].get("vs_ort_fp32")
+            table.at[idx, "measured_vs_ort"] = None if vs_ort is None else round(float(vs_ort), 2)
+    return table
+
+
 def _vs_distil(table: pd.DataFrame) -> pd.DataFrame:
     """The paper's comparison: storage and runtime as a ratio to DistilHuBERT's, metric as a difference."""
     table = table.copy()
@@ -122,7 +147,7 @@ def render_markdown(table: pd.DataFrame, problems: list[str]) -> str:
     from tabulate import tabulate
 
     show = ["model", "init", "quant", "bits", "task", "data", "status", "metric", "value", "storage_mb",
-            "packed_mb", "est_runtime", "runtime_vs_teacher", "measured_speedup", "storage_vs_distil",
+            "packed_mb", "est_runtime", "runtime_vs_teacher", "measured_speedup", "measured_vs_ort", "storage_vs_distil",
             "runtime_vs_distil", "metric_vs_distil"]
     lines = ["# qspeech results", ""]
     lines += ["Storage MB: quantized weights x bits + scales at 16 bits + all other parameters at 16 bits "
@@ -217,7 +242,10 @@ def make_report(outputs: str | Path = "outputs") -> dict:
     costs, _ = collect(outputs, COST_FILE, frozenset({"model", "bits", "storage_mb", "est_runtime"}))
     for c in costs:
         c["_mtime"] = (Path(c["run_dir"]) / COST_FILE).stat().st_mtime
-    table = build_table(results)
+    benches, _ = collect(outputs, BENCH_FILE, frozenset({"model", "variants"}))
+    for b in benches:
+        b["_mtime"] = (Path(b["run_dir"]) / BENCH_FILE).stat().st_mtime
+    table = add_measured_speed(build_table(results), benches)
     costs_df = cost_table(costs)
     outputs.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = outputs / "results.csv", outputs / "report.md", outputs / "report.png"

@@ -66,3 +66,16 @@ def test_collect_rejects_results_without_required_keys(tmp_path):
     write_json_atomic(tmp_path / "x" / "result.json", {"hello": 1})
     results, problems = collect(tmp_path)
     assert results == [] and "missing" in problems[0]
+
+
+def test_measured_speed_from_bench_runs_joins_matching_rows(tmp_path):
+    out = tmp_path / "outputs"
+    write_json_atomic(out / "r1" / "result.json", _result("tiny_hubert", 2, 40.0))
+    write_json_atomic(out / "r2" / "result.json", _result("tiny_hubert", 8, 22.0))
+    variants = {"torch_fp32": {"measured_speedup": {"vs_torch_fp32": 1.0, "vs_ort_fp32": 0.5}},
+                "nbits_2bit": {"measured_speedup": {"vs_torch_fp32": 1.72, "vs_ort_fp32": 0.96}}}
+    write_json_atomic(out / "b" / "bench.json", {"model": "tiny_hubert", "quant": {"method": "rtn"}, "variants": variants})
+    table = pd.read_csv(make_report(out)["csv"])
+    ours = table[table.source == "qspeech"].set_index("bits")
+    assert ours.loc[2, "measured_speedup"] == 1.72 and ours.loc[2, "measured_vs_ort"] == 0.96
+    assert pd.isna(ours.loc[8, "measured_speedup"])  # no int8 variant was measured: left empty, not guessed
