@@ -5,18 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qspeech.config import validate
 from qspeech.errors import QSpeechError
 from qspeech.results import RESULT_FILE, git_commit, write_json_atomic
+from qspeech.seeding import seed_everything  # noqa: F401  (re-exported for the CLI)
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +26,6 @@ def run_id(cfg: DictConfig) -> str:
     for k in ("hydra", "command"):
         plain.pop(k, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _now() -> str:

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qspeech.seeding import rng_state, seed_everything, set_rng_state
 from qspeech.errors import ConfigError, TrainingError
 
 CKPT_VERSION = 1
@@ -181,31 +181,6 @@ def epoch_batches(lengths: Sequence[float], cfg: TrainConfig, seed: int, epoch: 
     return [batches[i] for i in order]
 
 
-def _rng_state() -> dict:
-    # numpy's state as plain values + a tensor, so the checkpoint loads with weights_only=True
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    torch.manual_seed(seed)
-
-
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
@@ -281,7 +256,7 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
             raise TrainingError(f"{last_path} was written by another version; delete it or set train.resume=false")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
         step, epoch, pos = ck["step"], ck["epoch"], ck["pos"]
         best, best_step = ck["best"], ck["best_step"]
         wall_s, step_s, items, history = ck["wall_s"], ck["step_s"], ck["items"], ck["history"]
@@ -291,7 +266,7 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
 
     def save_last():
         _atomic_save({"version": CKPT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "rng": _rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
+                      "rng": rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
                       "best_step": best_step, "wall_s": wall_s + time.perf_counter() - t_start,
                       "step_s": step_s, "items": items, "history": history}, last_path)
 

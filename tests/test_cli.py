@@ -1,12 +1,10 @@
 """The real console script on tiny configs: help, cost, clear errors with exit code 2."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, random_upstream, run_cli
-from qspeech.upstream import save_checkpoint
+from conftest import run_cli
 
 
 def _one_error_line(proc):
@@ -39,6 +37,9 @@ def test_run_help_and_cfg_job_are_hydra():
     (["-m", "bits=2,5"], "bits=5 is not supported"),
     (["nosuchkey=1"], "nosuchkey"),
     (["cost.seconds=-1"], "cost.seconds"),
+    (["quant=bit", "bits=4"], "bit"),
+    (["quant=lsq", "bits=1"], "lsq"),
+    (["quant.targets=[linear,nope]"], "nope"),
 ])
 def test_bad_values_one_line_exit_2(tmp_path, args, needle):
     line = _one_error_line(run_cli("run", *args, cwd=tmp_path))

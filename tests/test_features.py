@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qspeech import features
-from qspeech.features import FeatureStore, cache_key, load_or_build
+from qspeech.features import cache_key, load_or_build
 
 from test_asr_fixture import read_audio, tiny_upstream, write_corpus
 

@@ -38,6 +38,12 @@ def test_run_then_sweep_then_report(tmp_path):
     assert two["quantized_params"] == 4_718_592 and two["est_runtime"] < 1.0 and two["storage_mb"] < res["storage_mb"]
     # the packed file is the accounted size up to headers and metadata
     assert abs(two["packed_mb"] - two["storage_mb"]) / two["storage_mb"] < 0.03
+    # `qspeech cost` describes exactly the model the run evaluated
+    proc = run_cli("cost", *SMOKE, "bits=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [cost_file] = (tmp_path / "outputs" / "cost").rglob("cost.json")
+    cost = json.loads(cost_file.read_text())
+    assert round(cost["storage_mb"], 4) == two["storage_mb"] and round(cost["est_runtime"], 4) == two["est_runtime"]
 
     proc = run_cli("report", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -79,3 +85,15 @@ def test_killed_run_resumes_to_one_result(tmp_path):
     results = _results(tmp_path)
     assert len(results) == 1 and results[0]["status"] == "ok"
     assert results[0]["metrics"]["resumed_from_step"] >= 3
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "real-speech").is_dir(),
+                    reason="../shared/data/real-speech not present")
+def test_real_speech_evaluates_through_manifest(tmp_path):
+    """Real human recordings (16 kHz WAV, mixed-case text with punctuation) through data=manifest."""
+    manifest = Path(__file__).resolve().parents[2] / "shared/data/real-speech/pocketsphinx-librivox-cards/manifest.tsv"
+    proc = run_cli("run", *SMOKE, "data=manifest", f"data.manifest={manifest}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [res] = _results(tmp_path)
+    assert res["status"] == "ok" and res["data"] == "manifest"
+    assert res["metrics"]["n_test"] == 10 and res["value"] >= 0

@@ -1,6 +1,5 @@
 """Upstream loading: s3prl formats, hidden states identical to s3prl's own model, safe loading, errors."""
 
-import pickle
 
 import pytest
 import torch

@@ -1,0 +1,446 @@
+"""What HuBERT pretraining and DistilHuBERT distillation share: the unlabeled corpus and its crops, the
+optimizer and its schedule, run folders, resumable training state, the loss log, fp16 checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qspeech.errors import ConfigError, DataError, TrainingError
+from qspeech.seeding import rng_state, seed_everything, set_rng_state  # noqa: F401  (seed_everything re-exported)
+
+SAMPLE_RATE = 16_000
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+@dataclass
+class Clip:
+    utt_id: str
+    path: str
+    num_samples: int
+
+
+def _read_audio(path: str) -> np.ndarray:
+    try:
+        from qspeech.data import read_audio
+    except ImportError:  # qspeech.data not there yet: 16 kHz files only
+        import soundfile as sf
+
+        wav, sr = sf.read(path, dtype="float32", always_2d=True)
+        if sr != SAMPLE_RATE:
+            raise DataError(f"{path}: {sr} Hz; pretraining reads 16 kHz audio") from None
+        return wav.mean(axis=1)
+    return np.asarray(read_audio(path), dtype=np.float32).reshape(-1)
+
+
+class Corpus:
+    """The unlabeled pretraining audio, held in memory as int16 (a few hundred MB at most)."""
+
+    def __init__(self, clips: list[Clip], description: str):
+        self.clips = clips
+        self.description = description
+        self.audio: list[np.ndarray] = []
+        for c in clips:
+            wav = _read_audio(c.path)
+            self.audio.append((np.clip(wav, -1.0, 1.0) * 32767.0).round().astype(np.int16))
+            c.num_samples = len(wav)
+        self.lengths = np.array([len(a) for a in self.audio])
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def subset(self, idx) -> "Corpus":
+        """A view on some utterances (the audio is shared)."""
+        c = Corpus.__new__(Corpus)
+        c.clips, c.audio = [self.clips[i] for i in idx], [self.audio[i] for i in idx]
+        c.lengths, c.description = self.lengths[list(idx)], f"{self.description} (subset of {len(idx)})"
+        return c
+
+    def wav(self, i: int) -> np.ndarray:
+        return self.audio[i].astype(np.float32) / 32767.0
+
+    @property
+    def hours(self) -> float:
+        return float(self.lengths.sum()) / SAMPLE_RATE / 3600
+
+
+def load_corpus(cfg: DictConfig, pcfg: DictConfig, min_samples: int) -> Corpus:
+    """pcfg.audio_dir (all *.wav / *.flac under it) if set, else the data config's pcfg.split."""
+    if pcfg.get("audio_dir"):
+        root = Path(str(pcfg.audio_dir)).expanduser()
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".flac"))
+        if not paths:
+            raise DataError(f"audio_dir={root}: no .wav or .flac files")
+        clips = [Clip(p.stem, str(p), 0) for p in paths]
+        desc = f"audio_dir {root}"
+    else:
+        from qspeech.data import load_split
+
+        utts = load_split(cfg.data, str(pcfg.split), str(cfg.cache_dir))
+        clips = [Clip(u.utt_id, str(u.path), int(round(float(u.duration_s) * SAMPLE_RATE))) for u in utts]
+        desc = f"data={cfg.data.get('name', '?')} split={pcfg.split}"
+        split_dir = next((q for q in Path(clips[0].path).parents if q.name == str(pcfg.split)), None) if clips else None
+        if split_dir is not None:  # the corpus folder names the corpus settings (e.g. mini-<hash>)
+            desc += f", corpus {split_dir.parent.name}"
+    max_utts = pcfg.get("max_utts")
+    if max_utts and len(clips) > int(max_utts):
+        keep = sorted(np.random.default_rng(int(cfg.seed)).choice(len(clips), int(max_utts), replace=False))
+        clips = [clips[i] for i in keep]
+    corpus = Corpus(clips, desc)
+    keep = [i for i, n in enumerate(corpus.lengths) if n >= min_samples]
+    if not keep:
+        raise DataError(f"{desc}: no utterance is at least {min_samples / SAMPLE_RATE:.2f} s long")
+    if len(keep) < len(corpus):
+        corpus.clips = [corpus.clips[i] for i in keep]
+        corpus.audio = [corpus.audio[i] for i in keep]
+        corpus.lengths = corpus.lengths[keep]
+    return corpus
+
+
+class CropBatches:
+    """Deterministic batches of random crops: batch `step` depends only on (seed, step), so a resumed run
+    sees the same data. Each epoch sorts utterances by (jittered) length, cuts them into batches of
+    neighbours and shuffles the batches; a batch is cropped to min(crop, its shortest utterance), with
+    crop starts on multiples of `hop` so frame t of a crop is frame start/hop + t of the utterance."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, crop: int, hop: int, seed: int):
+        self.lengths, self.batch_size, self.crop, self.hop, self.seed = lengths, batch_size, crop, hop, seed
+        self.per_epoch = max(1, len(lengths) // batch_size)
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = np.argsort(self.lengths * rng.uniform(0.85, 1.15, len(self.lengths)), kind="stable")
+        if len(order) >= self.batch_size:
+            order = order[: self.per_epoch * self.batch_size]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __call__(self, step: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """(utterance indices, crop length in samples, crop starts in samples) of batch `step`."""
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        idx = self._batches[pos]
+        length = int(min(self.crop, self.lengths[idx].min()))
+        rng = np.random.default_rng([self.seed, 1_000_003, step])
+        starts = np.array([self.hop * rng.integers(0, (self.lengths[i] - length) // self.hop + 1) for i in idx])
+        return idx, length, starts
+
+    def waves(self, corpus: Corpus, step: int) -> tuple[torch.Tensor, np.ndarray, int, np.ndarray]:
+        idx, length, starts = self(step)
+        wavs = np.stack([corpus.audio[i][s : s + length] for i, s in zip(idx, starts)]).astype(np.float32) / 32767.0
+        return torch.from_numpy(wavs), idx, length, starts
+
+
+# ---------------------------------------------------------------------------------------------- training
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(int(n))
+    torch.set_flush_denormal(True)
+
+
+def make_optimizer(model: torch.nn.Module, ocfg: DictConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params, lr=float(ocfg.lr), betas=tuple(ocfg.betas), eps=float(ocfg.eps), weight_decay=float(ocfg.weight_decay)
+    )
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then linear decay to 0 at `total` (fairseq's polynomial_decay, power 1)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def warmup_steps(ocfg: DictConfig, total: int) -> int:
+    w = float(ocfg.warmup)
+    return max(1, int(round(w * total)) if w < 1 else int(w))
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"{what}: the loss is {loss.item()} at step {step}; lower the learning rate (optim.lr) or "
+            f"raise the warmup, then rerun (the run resumes from its last checkpoint)"
+        )
+
+
+class LossLog:
+    """loss.csv in the run folder; on resume rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        self.path, self.fields = path, fields
+
+    def truncate(self, stage: str, step: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if not (r["stage"] == stage and int(r["step"]) > step)]
+        self._write(rows, "w")
+
+    def append(self, row: dict) -> None:
+        self._write([row], "a")
+
+    def _write(self, rows, mode) -> None:
+        new = mode == "w" or not self.path.exists()
+        with open(self.path, mode, newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def plot(self, png: Path, keys: list[str], title: str) -> Path | None:
+        """Loss curve png (per stage); None when matplotlib is missing."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = self.rows()
+        if not rows:
+            return None
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            for stage in dict.fromkeys(r["stage"] for r in rows):
+                pts = [(int(r["global_step"]), float(r[key])) for r in rows if r["stage"] == stage and r.get(key)]
+                if pts:
+                    ax.plot(*zip(*pts), label=stage)
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        return png
+
+
+def save_state(path: Path, **state) -> None:
+    state["rng"] = rng_state()
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    set_rng_state(state["rng"])
+    return state
+
+
+# ------------------------------------------------------------------------------------------- run folders
+def run_dir(cfg: DictConfig, kind: str) -> Path:
+    """cfg.run_dir if set (pass an old run's folder to resume it), else Hydra's output folder, else
+    outputs/<kind>/<timestamp>."""
+    if cfg.get("run_dir"):
+        path = Path(str(cfg.run_dir)).expanduser()
+    else:
+        path = None
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                path = Path(HydraConfig.get().runtime.output_dir)
+        except Exception:  # noqa: BLE001 - no Hydra app around us
+            path = None
+        if path is None:
+            path = REPO_ROOT / "outputs" / kind / time.strftime("%Y-%m-%d/%H-%M-%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def half_state(state):
+    """A checkpoint dict with every floating tensor stored as fp16 (load_state_dict casts back to fp32)."""
+    if isinstance(state, dict):
+        return {k: half_state(v) for k, v in state.items()}
+    if isinstance(state, torch.Tensor) and state.is_floating_point():
+        return state.detach().to(torch.float16).clone()
+    return state
+
+
+def round_to_half_(model: torch.nn.Module) -> None:
+    """Round a model's floating weights to fp16 values in place (kept as fp32 tensors)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.to(torch.float16).to(t.dtype))
+
+
+def save_s3prl(state: dict, path: Path, fp16: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(half_state(state) if fp16 else state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def require_positive(node: DictConfig, keys: list[str], where: str) -> None:
+    for k in keys:
+        v = node.get(k)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ConfigError(f"{where}.{k}={v} must be a number > 0")
+
+
+def command_line(kind: str, overrides: list[str] | None = None) -> str:
+    return " ".join(["qspeech", kind, *(overrides or [])])
+
+
+def hydra_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return [o for o in HydraConfig.get().overrides.task if not o.startswith("command=")]
+    except Exception:  # noqa: BLE001
+        pass
+    return []
+
+
+def env_info() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+
+
+def train_loop(
+    stage: str,
+    model: torch.nn.Module,
+    step_fn,
+    total: int,
+    ocfg: DictConfig,
+    state_path: Path,
+    log: LossLog,
+    log_every: int,
+    ckpt_every: int,
+    global_offset: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    _stop_after: int | None = None,
+) -> dict:
+    """A plain loop: AdamW, linear warmup + linear decay, gradient clipping, loss.csv every `log_every`
+    steps, a resumable state (model, optimizer, RNG, step, wall time) every `ckpt_every` steps.
+
+    step_fn(step) -> (loss tensor, {metric: float}); returns {"steps", "wall_s" (all invocations),
+    "wall_this_s", "last": averaged metrics of the last log interval, "first": those of the first one}.
+    _stop_after (tests): return after that many steps as if interrupted.
+    """
+    from tqdm import tqdm
+
+    opt = make_optimizer(model, ocfg)
+    warm = warmup_steps(ocfg, total)
+    start, wall, first = 0, 0.0, None
+    if resume and state_path.exists():
+        st = load_state(state_path)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start, wall, first = int(st["step"]), float(st["wall_s"]), st.get("first")
+        log.truncate(stage, start)
+        print(f"[{stage}] resumed at step {start}/{total} from {state_path}", flush=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc: dict[str, float] = {}
+    n_acc, last = 0, {}
+    t_last = t0 = time.time()
+    tty = os.isatty(2)
+    bar = tqdm(total=total, initial=start, desc=stage, disable=not progress, mininterval=1 if tty else 30,
+               dynamic_ncols=True)
+    for step in range(start, total):
+        lr = lr_at(step, total, float(ocfg.lr), warm)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        np.random.seed((zlib.crc32(stage.encode()) + 1_000_003 * step) % 2**32)  # masks: fixed by the step
+        loss, metrics = step_fn(step)
+        check_finite(loss, step, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, float(ocfg.grad_clip))
+        opt.step()
+        metrics = {"loss": float(loss.detach()), **metrics, "grad_norm": float(gnorm)}
+        for k, v in metrics.items():
+            acc[k] = acc.get(k, 0.0) + v
+        n_acc += 1
+        bar.update(1)
+        done = step + 1
+        if done % log_every == 0 or done == total:
+            now = time.time()
+            wall += now - t_last
+            t_last = now
+            last = {k: v / n_acc for k, v in acc.items()}
+            first = first or last
+            log.append({"stage": stage, "step": done, "global_step": global_offset + done, "lr": f"{lr:.3e}",
+                        "wall_s": f"{wall:.1f}", **{k: f"{v:.5g}" for k, v in last.items()}})
+            bar.set_postfix({k: f"{last[k]:.3f}" for k in list(last)[:3]}, refresh=False)
+            if not tty:
+                print(f"[{stage}] step {done}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in last.items())
+                      + f" lr={lr:.2e} {wall / 60:.1f} min", flush=True)
+            acc, n_acc = {}, 0
+        if done % ckpt_every == 0 or done == total:
+            save_state(state_path, model=model.state_dict(), optimizer=opt.state_dict(), step=done, wall_s=wall,
+                       first=first)
+        if _stop_after is not None and done >= _stop_after:
+            break
+    bar.close()
+    if start >= total and state_path.exists():
+        wall = float(torch.load(state_path, map_location="cpu", weights_only=True)["wall_s"])
+    rows = [r for r in log.rows() if r["stage"] == stage]
+    if rows and not last:
+        last = {k: float(v) for k, v in rows[-1].items() if k not in ("stage", "step", "global_step", "lr", "wall_s") and v}
+    return {"steps": total, "wall_s": wall, "wall_this_s": time.time() - t0, "first": first, "last": last}
+
+
+@torch.no_grad()
+def verify_checkpoint(model_cfg: DictConfig, fp32_state: dict, path: Path, arch: str, fp16: bool,
+                      seconds: float = 1.5) -> dict:
+    """Load `path` through build_upstream (model.ckpt=path) and compare its hidden states with those of the
+    trained model (`fp32_state`, an s3prl checkpoint dict; rounded to fp16 when the file is fp16): they
+    must be identical. Also reports how much fp16 storage moved them from the fp32 model's."""
+    from qspeech.upstream import Upstream, UpstreamSpec, build_upstream
+    from qspeech.upstream.builders import build_from_state
+
+    cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    cfg.update(ckpt=str(path), init="pretrained")
+    loaded = build_upstream(cfg)
+
+    def ref(rounded: bool) -> Upstream:
+        model, normalize = build_from_state(arch, half_state(fp32_state) if rounded else fp32_state)
+        return Upstream(model, UpstreamSpec(cfg["name"], arch, cfg.get("arch_cfg") or {}), normalize)
+
+    g = torch.Generator().manual_seed(0)
+    wav = torch.randn(2, int(seconds * SAMPLE_RATE), generator=g) * 0.1
+    lens = torch.tensor([wav.shape[1], wav.shape[1] * 3 // 4])
+    a, b = loaded(wav, lens), ref(fp16)(wav, lens)
+    diff = max(float((x - y).abs().max()) for x, y in zip(a.hidden_states, b.hidden_states))
+    if diff != 0.0 or not torch.equal(a.lengths, b.lengths):
+        raise TrainingError(f"{path}: hidden states after reloading differ from the trained model's (max {diff})")
+    exact = ref(False)(wav, lens)
+    rel = max(float((x - y).norm() / y.norm().clamp_min(1e-12)) for x, y in zip(a.hidden_states, exact.hidden_states))
+    return {"reload_max_abs_diff": diff, "fp16_vs_fp32_max_rel_diff": rel, "num_hidden": len(a.hidden_states)}

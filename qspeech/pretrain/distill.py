@@ -1,0 +1,169 @@
+"""`qspeech distill`: DistilHuBERT's recipe (s3prl pretrain/distiller) from a HuBERT teacher to s3prl's
+DistillerModel: a 2-layer student whose CNN, input projection, positional convolution and first layers
+are copied from the teacher (init_teacher_conv_layers / init_teacher_encoder_layers), with prediction
+heads for teacher layers pred_layer_id, trained with L1 + lambda * (-log sigmoid(cosine)) per frame and
+dimension (lambda = cosine_loss = 1), averaged over heads.
+
+Run folder: config.yaml, loss.csv / loss.png, state.pt, <name>.ckpt (s3prl's distiller format, fp16
+when fp16_asset), <name>.md (model card), summary.json. run_dir=<folder> resumes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from qspeech.errors import ConfigError
+from qspeech.pretrain import cards, common
+from qspeech.pretrain.features import conv_layers, receptive_field
+
+KIND = "distill"
+
+
+def build_student(student_cfg: dict) -> torch.nn.Module:
+    from qspeech.upstream.builders import _distiller
+
+    return _distiller(dict(student_cfg))
+
+
+def init_from_teacher(student, teacher, conv: bool = True, encoder: bool = True, encoder_norm: bool = True) -> list[str]:
+    """Copy the teacher's modules into the student as s3prl's DistillerForPretrain does; encoder_norm also
+    copies the encoder's input LayerNorm (s3prl leaves it at its init). Returns what was copied."""
+    copied = []
+    if conv:
+        student.feature_extractor.load_state_dict(teacher.feature_extractor.state_dict())
+        copied.append("feature_extractor")
+        if student.post_extract_proj is not None:
+            student.post_extract_proj.load_state_dict(teacher.post_extract_proj.state_dict())
+            copied.append("post_extract_proj")
+    if encoder:
+        student.encoder.pos_conv.load_state_dict(teacher.encoder.pos_conv.state_dict())
+        copied.append("encoder.pos_conv")
+        for i, layer in enumerate(student.encoder.layers):
+            layer.load_state_dict(teacher.encoder.layers[i].state_dict())
+            copied.append(f"encoder.layers.{i}")
+        if encoder_norm:
+            student.encoder.layer_norm.load_state_dict(teacher.encoder.layer_norm.state_dict())
+            copied.append("encoder.layer_norm")
+    return copied
+
+
+def distill_loss(student, teacher, wavs: torch.Tensor, pred_layer_id, cosine: float = 1.0, loss_type: str = "l1",
+                 feat_pen: float = 0.0):
+    """(loss, metrics) of DistillerForPretrain.compute_loss; `teacher` is a qspeech Upstream (frozen)."""
+    with torch.no_grad():
+        states = teacher(wavs).hidden_states
+        target = torch.stack([states[i] for i in pred_layer_id], dim=1)  # B x N x T x D
+    feat, _, pred, _ = student(wavs, torch.ones_like(wavs))
+    t = min(pred.shape[2], target.shape[2])
+    pred, target = pred[:, :, :t], target[:, :, :t]
+    rec = (F.l1_loss if loss_type == "l1" else F.mse_loss)(pred, target, reduction="none")
+    rec_layer = rec.detach().mean((0, 2, 3))
+    sim = -F.logsigmoid(F.cosine_similarity(pred, target, dim=-1))
+    sim_layer = sim.detach().mean((0, 2))
+    pen = feat.float().pow(2).mean()
+    loss = rec.mean() + cosine * sim.mean() + feat_pen * pen
+    metrics = {"rec": float(rec_layer.mean()), "sim": float(sim_layer.mean()),
+               "cos": float(F.cosine_similarity(pred, target, dim=-1).detach().mean())}
+    for i, lid in enumerate(pred_layer_id):
+        metrics[f"rec_l{lid}"] = float(rec_layer[i])
+        metrics[f"sim_l{lid}"] = float(sim_layer[i])
+    return loss, metrics
+
+
+def validate(cfg: DictConfig) -> None:
+    d = cfg.get("distill")
+    if d is None or cfg.get("model") is None or cfg.get("teacher") is None:
+        raise ConfigError("qspeech distill needs the distill, model and teacher groups (conf/distill.yaml)")
+    if cfg.model.arch != "distiller":
+        raise ConfigError(f"qspeech distill trains a distiller; model={cfg.model.name} is a {cfg.model.arch}")
+    if cfg.teacher.arch not in ("hubert", "wav2vec2"):
+        raise ConfigError(f"teacher={cfg.teacher.name} is a {cfg.teacher.arch}; the recipe needs HuBERT/wav2vec 2.0")
+    common.require_positive(d, ["batch_size", "crop_seconds", "steps", "log_every", "ckpt_every"], "distill")
+    common.require_positive(d.optim, ["lr", "warmup", "grad_clip"], "distill.optim")
+    n_teacher = int(cfg.teacher.arch_cfg.get("encoder_layers", 12))
+    ids = list(cfg.model.arch_cfg.get("pred_layer_id", []))
+    if not ids or any(not 1 <= int(i) <= n_teacher for i in ids):
+        raise ConfigError(f"model.arch_cfg.pred_layer_id={ids} must name teacher layers in 1..{n_teacher}")
+    if int(cfg.model.arch_cfg.get("encoder_embed_dim", 768)) != int(cfg.teacher.arch_cfg.get("encoder_embed_dim", 768)) \
+            and d.student.get("init_teacher_encoder_layers"):
+        raise ConfigError("init_teacher_encoder_layers needs the student's encoder_embed_dim to equal the teacher's")
+    if str(cfg.model.arch_cfg.get("extractor_conv_feature_layers")) != str(cfg.teacher.arch_cfg.get("conv_feature_layers")):
+        raise ConfigError("the student's extractor_conv_feature_layers must equal the teacher's conv_feature_layers")
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the distillation as configured by conf/distill.yaml; returns the summary dict."""
+    from qspeech.upstream import build_upstream
+
+    validate(cfg)
+    d = cfg.distill
+    common.set_threads(cfg.get("threads"))
+    common.seed_everything(int(cfg.seed))
+    run = common.run_dir(cfg, KIND)
+    common.save_config(cfg, run / "config.yaml")
+    t_start = time.time()
+    print(f"[distill] run folder {run}", flush=True)
+
+    teacher = build_upstream(cfg.teacher)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    arch_cfg = OmegaConf.to_container(cfg.model.arch_cfg, resolve=True)
+    student_cfg = {**arch_cfg, **OmegaConf.to_container(d.student, resolve=True)}
+    torch.manual_seed(int(cfg.seed))
+    student = build_student(student_cfg)
+    copied = init_from_teacher(student, teacher.model, bool(student_cfg.get("init_teacher_conv_layers")),
+                               bool(student_cfg.get("init_teacher_encoder_layers")),
+                               bool(d.get("init_encoder_layer_norm", True)))
+    layers = conv_layers(str(arch_cfg["extractor_conv_feature_layers"]))
+    window, hop = receptive_field(layers)
+    corpus = common.load_corpus(cfg, d, max(window + 4 * hop, int(float(d.min_seconds) * common.SAMPLE_RATE)))
+    print(f"[distill] corpus: {corpus.description}: {len(corpus)} utterances, {corpus.hours:.2f} h; teacher "
+          f"{teacher.spec.source}; student initialised with {', '.join(copied) or 'nothing'}", flush=True)
+    batches = common.CropBatches(corpus.lengths, int(d.batch_size), int(float(d.crop_seconds) * common.SAMPLE_RATE),
+                                 hop, int(cfg.seed) * 7919 + 17)
+    pred_ids = [int(i) for i in arch_cfg["pred_layer_id"]]
+    log = common.LossLog(run / "loss.csv", ["stage", "step", "global_step", "lr", "wall_s", "loss", "rec", "sim", "cos",
+                                            *[f"{m}_l{i}" for i in pred_ids for m in ("rec", "sim")], "grad_norm"])
+
+    def step_fn(step):
+        wavs = batches.waves(corpus, step)[0]
+        return distill_loss(student, teacher, wavs, pred_ids, float(student_cfg.get("cosine_loss", 1.0)),
+                            str(student_cfg.get("loss_type", "l1")), float(student_cfg.get("feat_pen_loss", 0.0)))
+
+    res = common.train_loop("distill", student, step_fn, int(d.steps), d.optim, run / "state.pt", log,
+                            int(d.log_every), int(d.ckpt_every))
+    log.plot(run / "loss.png", ["rec", "sim"], f"DistilHuBERT: {cfg.teacher.name} -> {cfg.model.name}")
+    student.eval()
+
+    from qspeech.upstream.builders import to_state
+
+    state = to_state("distiller", student, student_cfg)
+    state["Config"]["teacher"] = {"model": cfg.teacher.name, "n_layers": int(cfg.teacher.arch_cfg.get("encoder_layers", 12)),
+                                  "checkpoint_sha256": teacher.spec.source_sha256}
+    out = run / f"{cfg.model.name}.ckpt"
+    common.save_s3prl(state, out, fp16=bool(d.fp16_asset))
+    check = common.verify_checkpoint(cfg.model, state, out, "distiller", bool(d.fp16_asset))
+    summary = {
+        "model": cfg.model.name, "arch": "distiller", "checkpoint": str(out), "bytes": out.stat().st_size,
+        "fp16": bool(d.fp16_asset), "params": sum(t.numel() for t in student.parameters()),
+        "teacher": {"name": cfg.teacher.name, "source": teacher.spec.source, "sha256": teacher.spec.source_sha256},
+        "initialised_from_teacher": copied,
+        "corpus": {"source": corpus.description, "utterances": len(corpus), "hours": round(corpus.hours, 3)},
+        "seed": int(cfg.seed), "batch_size": int(d.batch_size), "crop_seconds": float(d.crop_seconds),
+        "steps": int(d.steps), "first": res["first"], "final": res["last"], "train_wall_s": round(res["wall_s"], 1),
+        "wall_s": round(res["wall_s"] + max(0.0, time.time() - t_start - res["wall_this_s"]), 1), "check": check,
+        "command": cfg.get("command_line") or common.command_line(KIND, common.hydra_overrides()),
+        "env": common.env_info(), "run_dir": str(run), "student_cfg": student_cfg,
+        "optim": OmegaConf.to_container(d.optim, resolve=True),
+    }
+    common.write_json(run / "summary.json", summary)
+    (run / f"{cfg.model.name}.md").write_text(cards.distill_card(summary))
+    if cfg.get("install"):
+        summary["installed"] = [str(x) for x in cards.install(out, run / f"{cfg.model.name}.md", str(cfg.model.asset))]
+        common.write_json(run / "summary.json", summary)
+    print(f"[distill] done in {summary['wall_s'] / 60:.1f} min: {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
+    return summary

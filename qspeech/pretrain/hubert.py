@@ -1,0 +1,244 @@
+"""`qspeech pretrain`: HuBERT pretraining of a small s3prl HubertModel on the unlabeled split.
+
+Iteration 1 predicts k-means units of MFCCs (+deltas), later iterations k-means units of a hidden layer of
+the previous iteration's model, with HuBERT's masked-prediction objective: the model's own forward with
+mask=True / features_only=False, cross-entropy over the masked frames' logits (`get_logits` /
+`get_targets`, as fairseq's hubert_criterion with pred_masked_weight 1, pred_nomask_weight 0) plus the
+CNN feature penalty (weight 10).
+
+Run folder: config.yaml, loss.csv / loss.png, it<N>/{labels.npz, state.pt, hubert.pt}, tiny_hubert.pt
+(the s3prl converted-format checkpoint, fp16 when fp16_asset), <name>.md (model card), summary.json.
+Rerunning with run_dir=<that folder> resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from qspeech.errors import ConfigError
+from qspeech.pretrain import cards, common
+from qspeech.pretrain.features import conv_layers, num_frames, receptive_field
+from qspeech.pretrain.labels import (assign, fit_kmeans, hidden_features, label_stats, load_labels,
+                                     mfcc_features, save_labels)
+
+KIND = "pretrain"
+
+
+# ------------------------------------------------------------------------------------------------ model
+def model_config(arch_cfg: dict, train_cfg: dict, hop: int) -> dict:
+    """HubertConfig fields: the architecture, the training settings, label_rate = the frame rate."""
+    return {**dict(arch_cfg), **dict(train_cfg), "label_rate": float(common.SAMPLE_RATE / hop)}
+
+
+def task_config(hop: int) -> dict:
+    return {"normalize": False, "sample_rate": common.SAMPLE_RATE, "label_rate": float(common.SAMPLE_RATE / hop)}
+
+
+def build_model(model_cfg: dict, n_clusters: int, hop: int) -> torch.nn.Module:
+    from qspeech.upstream.builders import _hubert
+
+    return _hubert(dict(model_cfg), task_config(hop), [list(range(n_clusters))])
+
+
+def init_label_embeddings(model, how: str) -> None:
+    """uniform: fairseq's U(0, 1) (all codes nearly parallel, cosine ~0.75); normal: N(0, 1) codes, nearly
+    orthogonal, so the cosine logits separate the classes from the first step."""
+    if how == "normal":
+        with torch.no_grad():
+            model.label_embs_concat.normal_()
+    elif how != "uniform":
+        raise ConfigError(f"pretrain.label_emb_init={how}: choose uniform or normal")
+
+
+def masked_prediction_loss(model, wavs: torch.Tensor, targets: torch.Tensor, feature_pen: float = 10.0,
+                           masked_weight: float = 1.0, nomask_weight: float = 0.0):
+    """(loss, metrics) as fairseq's hubert_criterion: masked_weight * CE(masked frames) + nomask_weight *
+    CE(unmasked frames) + feature_pen * CNN feature penalty, each CE the mean over its frames (HuBERT
+    Base: weights 1 / 0, the model built with skip_nomask when nomask_weight is 0).
+
+    wavs (B, T) unpadded crops; targets (B, frames) cluster ids aligned with the CNN frames."""
+    pad = torch.zeros_like(wavs, dtype=torch.bool)
+    out = model(wavs, target_list=[targets], padding_mask=pad, mask=True, features_only=False)
+    loss, metrics = feature_pen * out["features_pen"], {}
+    for tag, weight, masked in (("m", masked_weight, True), ("u", nomask_weight, False)):
+        if weight <= 0 and not masked:
+            continue
+        logits, tgts = model.get_logits(out, is_masked=masked), model.get_targets(out, is_masked=masked)
+        n = sum(t.numel() for t in tgts)
+        ce = sum(F.cross_entropy(lg, t, reduction="sum") for lg, t in zip(logits, tgts)) / max(n, 1)
+        loss = loss + weight * ce
+        metrics[f"ce_{tag}"] = float(ce.detach())
+        metrics[f"acc_{tag}"] = sum(float((lg.argmax(-1) == t).sum()) for lg, t in zip(logits, tgts)) / max(n, 1)
+        if masked:
+            metrics["masked_frac"] = n / targets.numel()
+    metrics["feat_pen"] = float(out["features_pen"].detach())
+    return loss, metrics
+
+
+def s3prl_state(model, model_cfg: dict, n_clusters: int, hop: int) -> dict:
+    from qspeech.upstream.builders import to_state
+
+    return to_state("hubert", model, model_cfg, {"task_cfg": task_config(hop),
+                                                "dictionaries_symbols": [list(range(n_clusters))]})
+
+
+def load_s3prl(path: Path) -> torch.nn.Module:
+    from qspeech.upstream.builders import build_from_state
+
+    return build_from_state("hubert", torch.load(path, map_location="cpu", weights_only=True))[0]
+
+
+# ----------------------------------------------------------------------------------------------- config
+def validate(cfg: DictConfig) -> None:
+    p = cfg.get("pretrain")
+    if p is None or cfg.get("model") is None:
+        raise ConfigError("qspeech pretrain needs the pretrain and model groups (conf/pretrain.yaml)")
+    if cfg.model.arch != "hubert":
+        raise ConfigError(f"qspeech pretrain trains HuBERT models; model={cfg.model.name} is a {cfg.model.arch}")
+    common.require_positive(p, ["batch_size", "crop_seconds", "log_every", "ckpt_every"], "pretrain")
+    common.require_positive(p.optim, ["lr", "warmup", "grad_clip"], "pretrain.optim")
+    its = p.get("iterations") or []
+    if not its:
+        raise ConfigError("pretrain.iterations is empty; give at least one {targets: mfcc, clusters, steps}")
+    for i, it in enumerate(its):
+        where = f"pretrain.iterations[{i}]"
+        common.require_positive(it, ["clusters", "steps"], where)
+        if it.targets not in ("mfcc", "hidden"):
+            raise ConfigError(f"{where}.targets={it.targets}: choose mfcc or hidden")
+        if it.targets == "hidden":
+            if i == 0:
+                raise ConfigError(f"{where}: hidden-layer targets need a previous iteration")
+            n_layers = int(cfg.model.arch_cfg.get("encoder_layers", 12))
+            if not 1 <= int(it.layer) <= n_layers:
+                raise ConfigError(f"{where}.layer={it.layer} must be in 1..{n_layers}")
+        if it.get("init", "scratch") not in ("scratch", "previous") or (i == 0 and it.get("init") == "previous"):
+            raise ConfigError(f"{where}.init={it.get('init')}: choose scratch (or previous after iteration 1)")
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def make_labels(corpus, it: DictConfig, prev_model, p: DictConfig, window: int, hop: int, seed: int, path: Path):
+    ids = [c.utt_id for c in corpus.clips]
+    if path.exists():
+        loaded = load_labels(path, ids)
+        if loaded is not None:
+            return (*loaded, False)
+    t0 = time.time()
+    if it.targets == "mfcc":
+        feats = mfcc_features(corpus, window, hop, p.mfcc)
+    else:
+        feats = hidden_features(prev_model, corpus, int(it.layer))
+    km = fit_kmeans(feats, int(it.clusters), p.kmeans, seed)
+    labels = assign(feats, km)
+    stats = {**label_stats(labels, int(it.clusters)), "feature_dim": int(feats[0].shape[1]),
+             "fit_frames": km["fit_frames"], "seconds": round(time.time() - t0, 1)}
+    save_labels(path, ids, labels, km, stats)
+    print(f"[labels {path.parent.name}] {it.targets}: {stats}", flush=True)
+    return labels, stats, True
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(cfg: DictConfig) -> dict:
+    """Run HuBERT pretraining as configured by conf/pretrain.yaml; returns the summary dict."""
+    validate(cfg)
+    p = cfg.pretrain
+    common.set_threads(cfg.get("threads"))
+    common.seed_everything(int(cfg.seed))
+    run = common.run_dir(cfg, KIND)
+    common.save_config(cfg, run / "config.yaml")
+    t_start = time.time()
+    print(f"[pretrain] run folder {run}", flush=True)
+
+    arch_cfg = OmegaConf.to_container(cfg.model.arch_cfg, resolve=True)
+    layers = conv_layers(str(arch_cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")))
+    window, hop = receptive_field(layers)
+    crop = int(float(p.crop_seconds) * common.SAMPLE_RATE)
+    corpus = common.load_corpus(cfg, p, max(window + 4 * hop, int(float(p.min_seconds) * common.SAMPLE_RATE)))
+    print(f"[pretrain] corpus: {corpus.description}: {len(corpus)} utterances, {corpus.hours:.2f} h", flush=True)
+    train_cfg = OmegaConf.to_container(p.hubert, resolve=True)
+    train_cfg["skip_nomask"] = float(p.loss.get("nomask_weight", 0.0)) <= 0
+    log = common.LossLog(run / "loss.csv", ["stage", "step", "global_step", "lr", "wall_s", "loss", "ce_m", "acc_m",
+                                            "ce_u", "acc_u", "feat_pen", "masked_frac", "grad_norm"])
+    iterations, prev, offset, accounted = [], None, 0, 0.0
+    for i, it in enumerate(p.iterations):
+        name = str(it.get("name") or f"it{i + 1}")
+        d = run / name
+        d.mkdir(exist_ok=True)
+        k = int(it.clusters)
+        sub = corpus
+        if it.get("max_utts") and int(it.max_utts) < len(corpus):  # e.g. to bound hidden-feature extraction
+            rng = np.random.default_rng([int(cfg.seed), i])
+            sub = corpus.subset(sorted(rng.choice(len(corpus), int(it.max_utts), replace=False).tolist()))
+        labels, stats, fresh = make_labels(sub, it, prev, p, window, hop, int(cfg.seed) + i, d / "labels.npz")
+        for lab, n in zip(labels, sub.lengths):
+            assert len(lab) == num_frames(int(n), layers), "labels must match the CNN's frames"
+        mcfg = model_config(arch_cfg, train_cfg, hop)
+        torch.manual_seed(int(cfg.seed) + 1000 * i)
+        model = build_model(mcfg, k, hop)
+        init_label_embeddings(model, str(p.get("label_emb_init", "uniform")))
+        if it.get("init", "scratch") == "previous":
+            sd = {n_: t for n_, t in prev.state_dict().items() if n_ != "label_embs_concat"}
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            assert missing == ["label_embs_concat"] and not unexpected, (missing, unexpected)
+        batches = common.CropBatches(sub.lengths, int(p.batch_size), crop, hop, int(cfg.seed) * 7919 + i)
+
+        def step_fn(step, model=model, batches=batches, labels=labels, sub=sub):
+            wavs, idx, length, starts = batches.waves(sub, step)
+            n = num_frames(length, layers)
+            tg = np.stack([labels[j][s // hop : s // hop + n] for j, s in zip(idx, starts)]).astype(np.int64)
+            return masked_prediction_loss(model, wavs, torch.from_numpy(tg), float(p.loss.features_pen),
+                                          float(p.loss.get("masked_weight", 1.0)), float(p.loss.get("nomask_weight", 0.0)))
+
+        final = d / "hubert.pt"
+        res = common.train_loop(name, model, step_fn, int(it.steps), p.optim, d / "state.pt", log,
+                                int(p.log_every), int(p.ckpt_every), offset)  # resumes / returns if done
+        if not final.exists():
+            common.save_s3prl(s3prl_state(model, mcfg, k, hop), final, fp16=False)
+        accounted += res["wall_this_s"] + (stats["seconds"] if fresh else 0.0)
+        model.eval()
+        offset += int(it.steps)
+        iterations.append({"name": name, "targets": str(it.targets), "layer": it.get("layer"), "clusters": k,
+                           "init": str(it.get("init", "scratch")), "steps": int(it.steps), "labels": stats,
+                           "utterances": len(sub), "checkpoint": str(final),
+                           "first": res["first"], "final": res["last"], "train_wall_s": round(res["wall_s"], 1)})
+        prev = model
+        log.plot(run / "loss.png", ["ce_m", "acc_m"], f"HuBERT pretraining: {cfg.model.name}")
+
+    # The shipped checkpoint: the last (or pretrain.ship) iteration's model, fp16 when asked, checked
+    # through build_upstream.
+    ship = str(p.get("ship") or iterations[-1]["name"])
+    shipped = next((it for it in iterations if it["name"] == ship), None)
+    if shipped is None:
+        raise ConfigError(f"pretrain.ship={ship}: no such iteration ({', '.join(it['name'] for it in iterations)})")
+    shipped["shipped"] = True
+    out = run / f"{cfg.model.name}.pt"
+    state = torch.load(shipped["checkpoint"], map_location="cpu", weights_only=True)
+    common.save_s3prl(state, out, fp16=bool(p.fp16_asset))
+    check = common.verify_checkpoint(cfg.model, state, out, "hubert", bool(p.fp16_asset))
+    summary = {
+        "model": cfg.model.name, "arch": "hubert", "checkpoint": str(out), "bytes": out.stat().st_size,
+        "fp16": bool(p.fp16_asset), "params": sum(t.numel() for t in state["model_weight"].values()), "shipped": ship,
+        "corpus": {"source": corpus.description, "utterances": len(corpus), "hours": round(corpus.hours, 3)},
+        "seed": int(cfg.seed), "batch_size": int(p.batch_size), "crop_seconds": float(p.crop_seconds),
+        "iterations": iterations,
+        "wall_s": round(sum(it["train_wall_s"] + it["labels"]["seconds"] for it in iterations)
+                        + max(0.0, time.time() - t_start - accounted), 1),
+        "train_wall_s": round(sum(it["train_wall_s"] for it in iterations), 1), "check": check,
+        "command": cfg.get("command_line") or common.command_line(KIND, common.hydra_overrides()),
+        "env": common.env_info(), "run_dir": str(run), "arch_cfg": arch_cfg, "train_cfg": train_cfg,
+        "optim": OmegaConf.to_container(p.optim, resolve=True),
+        "loss": OmegaConf.to_container(p.loss, resolve=True), "label_emb_init": str(p.get("label_emb_init", "uniform")),
+    }
+    common.write_json(run / "summary.json", summary)
+    card = cards.hubert_card(summary)
+    (run / f"{cfg.model.name}.md").write_text(card)
+    if cfg.get("install"):
+        summary["installed"] = [str(x) for x in cards.install(out, run / f"{cfg.model.name}.md", str(cfg.model.asset))]
+        common.write_json(run / "summary.json", summary)
+    print(f"[pretrain] done in {summary['wall_s'] / 60:.1f} min: {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
+    return summary
