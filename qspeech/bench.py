@@ -624,7 +624,7 @@ def main(cfg, run_dir=None) -> dict:
     from omegaconf import OmegaConf
 
     from qspeech.results import write_json_atomic
-    from qspeech.runner import seed_everything
+    from qspeech.seeding import seed_everything
     from qspeech.upstream import build_upstream
 
     if run_dir is None:

@@ -209,7 +209,8 @@ def _cmd_run(cfg: DictConfig, run_dir: Path) -> dict:
 def _cmd_cost(cfg: DictConfig, run_dir: Path) -> dict:
     from qspeech.cost import format_table
     from qspeech.results import write_json_atomic
-    from qspeech.runner import compute_cost, seed_everything
+    from qspeech.runner import compute_cost
+    from qspeech.seeding import seed_everything
     from qspeech.upstream import build_upstream
 
     seed_everything(int(cfg.seed))

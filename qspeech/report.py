@@ -17,7 +17,7 @@ VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits
 
 KEY = ["model", "init", "quant", "bits", "task", "data"]
 COLUMNS = KEY + [
-    "source", "status", "metric", "value", "dev_value", "storage_mb", "packed_mb", "est_runtime",
+    "source", "status", "metric", "value", "dev_value", "cer", "storage_mb", "packed_mb", "est_runtime",
     "measured_speedup", "measured_vs_ort", "params", "quantized_params", "macs", "runtime_vs_teacher", "storage_vs_distil",
     "runtime_vs_distil", "metric_vs_distil", "error", "run_dir",
 ]
@@ -51,6 +51,7 @@ def _row(r: dict) -> dict:
         "metric": r.get("metric"),
         "value": r.get("value"),
         "dev_value": metrics.get("dev_wer"),
+        "cer": metrics.get("cer"),
         "storage_mb": r.get("storage_mb"),
         "packed_mb": r.get("packed_mb"),
         "est_runtime": r.get("est_runtime"),
@@ -146,7 +147,7 @@ def _fmt(v, digits=2):
 def render_markdown(table: pd.DataFrame, problems: list[str]) -> str:
     from tabulate import tabulate
 
-    show = ["model", "init", "quant", "bits", "task", "data", "status", "metric", "value", "storage_mb",
+    show = ["model", "init", "quant", "bits", "task", "data", "status", "metric", "value", "cer", "storage_mb",
             "packed_mb", "est_runtime", "runtime_vs_teacher", "measured_speedup", "measured_vs_ort", "storage_vs_distil",
             "runtime_vs_distil", "metric_vs_distil"]
     lines = ["# qspeech results", ""]

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from qspeech.config import validate
 from qspeech.errors import QSpeechError
 from qspeech.results import RESULT_FILE, git_commit, write_json_atomic
-from qspeech.seeding import seed_everything  # noqa: F401  (re-exported for the CLI)
+from qspeech.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,20 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
     finally:
         timings["wall_s"] = time.perf_counter() - t_start
         result.update(finished=_now(), timings={k: round(v, 3) for k, v in timings.items()})
-        write_json_atomic(run_dir / RESULT_FILE, result)
+        write_json_atomic(_result_path(run_dir, result), result)
     return result
+
+
+def _result_path(run_dir: Path, result: dict) -> Path:
+    """A failed rerun never replaces an earlier successful result of the same experiment."""
+    path = run_dir / RESULT_FILE
+    if result["status"] != "ok" and path.is_file():
+        try:
+            if json.loads(path.read_text()).get("status") == "ok":
+                return run_dir / "result.last_failure.json"
+        except (OSError, ValueError):
+            pass
+    return path
 
 
 def _quantize(cfg: DictConfig, upstream, run_dir: Path, progress: bool):

@@ -97,3 +97,13 @@ def test_real_speech_evaluates_through_manifest(tmp_path):
     [res] = _results(tmp_path)
     assert res["status"] == "ok" and res["data"] == "manifest"
     assert res["metrics"]["n_test"] == 10 and res["value"] >= 0
+
+
+def test_failed_rerun_keeps_the_earlier_result(tmp_path):
+    from qspeech.results import write_json_atomic
+    from qspeech.runner import _result_path
+
+    write_json_atomic(tmp_path / "result.json", {"status": "ok", "value": 1.0})
+    assert _result_path(tmp_path, {"status": "failed"}).name == "result.last_failure.json"
+    assert _result_path(tmp_path, {"status": "ok"}).name == "result.json"
+    assert _result_path(tmp_path / "new", {"status": "failed"}).name == "result.json"
