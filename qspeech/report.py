@@ -185,8 +185,11 @@ def plot(table: pd.DataFrame, path: Path) -> Path | None:
     panels = [("qspeech", "Our runs"), (paper.SOURCE, "Published (Yeh et al. 2023)")]
     for row_i, (source, title) in enumerate(panels):
         part = ok[ok["source"] == source]
-        for col_i, (x, xlabel) in enumerate([("storage_mb", "storage (MB)"), ("est_runtime", "est. runtime")]):
+        axes_spec = [("storage_mb", "storage (MB)"),
+                     ("runtime_vs_teacher", "est. runtime (relative to the full-precision teacher)")]
+        for col_i, (x, xlabel) in enumerate(axes_spec):
             ax = axes[row_i][col_i]
+            part = part.assign(runtime_vs_teacher=part["runtime_vs_teacher"].fillna(part["est_runtime"]))
             for (model, init, quant), grp in part.groupby(["model", "init", "quant"], sort=False):
                 grp = grp.sort_values("bits")
                 is_distil = "distil" in str(model)
