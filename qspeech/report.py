@@ -3,12 +3,12 @@ with the paper's published rows beside ours and the DistilHuBERT comparison the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from qspeech import paper
+from qspeech.atomic import write_text_atomic
 from qspeech.results import COST_FILE, collect
 
 BENCH_FILE = "bench.json"
@@ -253,19 +253,13 @@ def make_report(outputs: str | Path = "outputs") -> dict:
     costs_df = cost_table(costs)
     outputs.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = outputs / "results.csv", outputs / "report.md", outputs / "report.png"
-    _atomic_text(csv_path, table.to_csv(index=False))
+    write_text_atomic(csv_path, table.to_csv(index=False))
     markdown = render_markdown(table, problems)
     if not costs_df.empty:
         markdown += ("\n## Accounting (`qspeech cost`) beside the paper's estimates\n\n"
                      + tabulate(costs_df.fillna("").values.tolist(), headers=list(costs_df.columns), tablefmt="github")
                      + "\n")
-    _atomic_text(md_path, markdown)
+    write_text_atomic(md_path, markdown)
     png = plot(table, png_path)
     return {"csv": csv_path, "markdown": md_path, "plot": png, "runs": len(results), "problems": problems,
             "table": table}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

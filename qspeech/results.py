@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any
+
+from qspeech.atomic import write_json_atomic  # noqa: F401  (results files are written atomically)
 
 RESULT_FILE = "result.json"
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write to a temp file in the same folder, fsync, rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def git_commit() -> str | None:

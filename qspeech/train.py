@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qspeech.atomic import torch_save_atomic
 from qspeech.seeding import rng_state, seed_everything, set_rng_state
 from qspeech.errors import ConfigError, TrainingError
 
@@ -181,10 +182,7 @@ def epoch_batches(lengths: Sequence[float], cfg: TrainConfig, seed: int, epoch: 
     return [batches[i] for i in order]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_atomic_save = torch_save_atomic
 
 
 def _load(path: Path) -> dict:

@@ -4,7 +4,6 @@ optimizer and its schedule, run folders, resumable training state, the loss log,
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 import zlib
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qspeech.atomic import torch_save_atomic, write_json_atomic
 from qspeech.errors import ConfigError, DataError, TrainingError
 from qspeech.seeding import rng_state, seed_everything, set_rng_state  # noqa: F401  (seed_everything re-exported)
 
@@ -238,9 +238,7 @@ class LossLog:
 
 def save_state(path: Path, **state) -> None:
     state["rng"] = rng_state()
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    torch_save_atomic(state, path)
 
 
 def load_state(path: Path) -> dict:
@@ -270,10 +268,7 @@ def run_dir(cfg: DictConfig, kind: str) -> Path:
     return path
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+write_json = write_json_atomic
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
@@ -298,11 +293,7 @@ def round_to_half_(model: torch.nn.Module) -> None:
 
 
 def save_s3prl(state: dict, path: Path, fp16: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(half_state(state) if fp16 else state, tmp)
-    tmp.replace(path)
-    return path
+    return torch_save_atomic(half_state(state) if fp16 else state, path)
 
 
 def require_positive(node: DictConfig, keys: list[str], where: str) -> None:

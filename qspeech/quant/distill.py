@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qspeech.atomic import torch_save_atomic
 from qspeech.errors import ConfigError, DataError, TrainingError
 from qspeech.quant.api import quantize_, remove_quantization_
 from qspeech.quant.config import PTQ_METHODS, QuantConfig, cache_dict, validate_quant_config
@@ -145,11 +146,7 @@ def quant_cache_key(upstream, cfg: QuantConfig, bits: int, audio_paths) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+_atomic_save = torch_save_atomic
 
 
 def clone_upstream(upstream):

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qspeech.atomic import atomic_path
 from qspeech.quant import functional as Fq
 from qspeech.quant.api import _force_projection_calls, _inner, quantized_modules, quantized_weight_parts, weight_quantizer
 from qspeech.quant.config import as_quant_config
@@ -294,9 +295,8 @@ def export_packed(upstream, quant_cfg, bits: int, path) -> Path:
         log.warning("export_packed: the upstream holds values that are not fp16-representable; the file stores "
                     "them rounded, so load_packed will differ slightly from the evaluated model "
                     "(call qspeech.quant.export.round_to_storage_ before evaluation)")
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -43,15 +43,9 @@ def build_upstream(model_cfg) -> Upstream:
 
 def save_checkpoint(upstream: Upstream, path: str | Path, extra: dict | None = None) -> Path:
     """Write the upstream in s3prl's checkpoint format for its architecture (loadable by model.ckpt=)."""
-    import torch
+    from qspeech.atomic import torch_save_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = builders.to_state(upstream.spec.arch, upstream.model, upstream.spec.arch_cfg, extra)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return torch_save_atomic(builders.to_state(upstream.spec.arch, upstream.model, upstream.spec.arch_cfg, extra), path)
 
 
 def fingerprint(upstream: Upstream, extra: str = "") -> str:
