@@ -79,3 +79,12 @@ def test_measured_speed_from_bench_runs_joins_matching_rows(tmp_path):
     ours = table[table.source == "qspeech"].set_index("bits")
     assert ours.loc[2, "measured_speedup"] == 1.72 and ours.loc[2, "measured_vs_ort"] == 0.96
     assert pd.isna(ours.loc[8, "measured_speedup"])  # no int8 variant was measured: left empty, not guessed
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    path = write_json_atomic(tmp_path / "result.json", {"x": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
