@@ -248,6 +248,18 @@ def _cmd_data(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+def _validate_pretrain(cfg: DictConfig) -> None:
+    from qspeech.pretrain import hubert
+
+    hubert.validate(cfg)
+
+
+def _validate_distill(cfg: DictConfig) -> None:
+    from qspeech.pretrain import distill
+
+    distill.validate(cfg)
+
+
 def _cmd_pretrain(cfg: DictConfig, run_dir: Path):
     from qspeech.pretrain import hubert
 
@@ -292,8 +304,8 @@ HYDRA_COMMANDS = {
     "export": ("config", _cmd_export, _validate_cost),
     "bench": ("config", _cmd_bench, _validate_cost),
     "data": ("config", _cmd_data, None),
-    "pretrain": ("pretrain", _cmd_pretrain, None),
-    "distill": ("distill", _cmd_distill, None),
+    "pretrain": ("pretrain", _cmd_pretrain, _validate_pretrain),
+    "distill": ("distill", _cmd_distill, _validate_distill),
 }
 PLAIN_COMMANDS = {"report": _cmd_report, "assets": _cmd_assets, "demo": _cmd_demo}
 
