@@ -182,7 +182,6 @@ def epoch_batches(lengths: Sequence[float], cfg: TrainConfig, seed: int, epoch: 
     return [batches[i] for i in order]
 
 
-_atomic_save = torch_save_atomic
 
 
 def _load(path: Path) -> dict:
@@ -263,7 +262,7 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
         seed_everything(seed)
 
     def save_last():
-        _atomic_save({"version": CKPT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch_save_atomic({"version": CKPT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "rng": rng_state(), "step": step, "epoch": epoch, "pos": pos, "best": best,
                       "best_step": best_step, "wall_s": wall_s + time.perf_counter() - t_start,
                       "step_s": step_s, "items": items, "history": history}, last_path)
@@ -319,7 +318,7 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
                 value = dev[metric]
                 if not best or (math.isfinite(value) and not value >= best[metric]):
                     best, best_step = dict(dev), step
-                    _atomic_save({"version": CKPT_VERSION, "model": model.state_dict(), "step": step,
+                    torch_save_atomic({"version": CKPT_VERSION, "model": model.state_dict(), "step": step,
                                   "dev": dev}, best_path)
                 bar.set_postfix(dev=f"{value:.2f}", best=f"{best[metric]:.2f}")
                 _write_csv(history, csv_paths)

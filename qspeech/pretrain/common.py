@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qspeech.atomic import torch_save_atomic, write_json_atomic
+from qspeech.atomic import torch_save_atomic
 from qspeech.errors import ConfigError, DataError, TrainingError
-from qspeech.seeding import rng_state, seed_everything, set_rng_state  # noqa: F401  (seed_everything re-exported)
+from qspeech.seeding import rng_state, seed_everything, set_rng_state
 
 SAMPLE_RATE = 16_000
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -268,7 +268,16 @@ def run_dir(cfg: DictConfig, kind: str) -> Path:
     return path
 
 
-write_json = write_json_atomic
+
+
+def start_run(cfg: DictConfig, kind: str) -> tuple[Path, float]:
+    """Threads, seeds, the run folder with its config.yaml: what every pretraining command starts with."""
+    set_threads(cfg.get("threads"))
+    seed_everything(int(cfg.seed))
+    run = run_dir(cfg, kind)
+    save_config(cfg, run / "config.yaml")
+    print(f"[{kind}] run folder {run}", flush=True)
+    return run, time.time()
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

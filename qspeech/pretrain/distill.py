@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from qspeech.atomic import write_json_atomic
 from qspeech.errors import ConfigError
 from qspeech.pretrain import cards, common
 from qspeech.pretrain.features import conv_layers, receptive_field
@@ -101,12 +102,7 @@ def main(cfg: DictConfig) -> dict:
 
     validate(cfg)
     d = cfg.distill
-    common.set_threads(cfg.get("threads"))
-    common.seed_everything(int(cfg.seed))
-    run = common.run_dir(cfg, KIND)
-    common.save_config(cfg, run / "config.yaml")
-    t_start = time.time()
-    print(f"[distill] run folder {run}", flush=True)
+    run, t_start = common.start_run(cfg, KIND)
 
     teacher = build_upstream(cfg.teacher)
     teacher.requires_grad_(False)
@@ -160,10 +156,10 @@ def main(cfg: DictConfig) -> dict:
         "env": common.env_info(), "run_dir": str(run), "student_cfg": student_cfg,
         "optim": OmegaConf.to_container(d.optim, resolve=True),
     }
-    common.write_json(run / "summary.json", summary)
+    write_json_atomic(run / "summary.json", summary)
     (run / f"{cfg.model.name}.md").write_text(cards.distill_card(summary))
     if cfg.get("install"):
         summary["installed"] = [str(x) for x in cards.install(out, run / f"{cfg.model.name}.md", str(cfg.model.asset))]
-        common.write_json(run / "summary.json", summary)
+        write_json_atomic(run / "summary.json", summary)
     print(f"[distill] done in {summary['wall_s'] / 60:.1f} min: {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
     return summary

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from qspeech.atomic import write_json_atomic
 from qspeech.errors import ConfigError
 from qspeech.pretrain import cards, common
 from qspeech.pretrain.features import conv_layers, num_frames, receptive_field
@@ -147,12 +148,7 @@ def main(cfg: DictConfig) -> dict:
     """Run HuBERT pretraining as configured by conf/pretrain.yaml; returns the summary dict."""
     validate(cfg)
     p = cfg.pretrain
-    common.set_threads(cfg.get("threads"))
-    common.seed_everything(int(cfg.seed))
-    run = common.run_dir(cfg, KIND)
-    common.save_config(cfg, run / "config.yaml")
-    t_start = time.time()
-    print(f"[pretrain] run folder {run}", flush=True)
+    run, t_start = common.start_run(cfg, KIND)
 
     arch_cfg = OmegaConf.to_container(cfg.model.arch_cfg, resolve=True)
     layers = conv_layers(str(arch_cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")))
@@ -234,11 +230,11 @@ def main(cfg: DictConfig) -> dict:
         "optim": OmegaConf.to_container(p.optim, resolve=True),
         "loss": OmegaConf.to_container(p.loss, resolve=True), "label_emb_init": str(p.get("label_emb_init", "uniform")),
     }
-    common.write_json(run / "summary.json", summary)
+    write_json_atomic(run / "summary.json", summary)
     card = cards.hubert_card(summary)
     (run / f"{cfg.model.name}.md").write_text(card)
     if cfg.get("install"):
         summary["installed"] = [str(x) for x in cards.install(out, run / f"{cfg.model.name}.md", str(cfg.model.asset))]
-        common.write_json(run / "summary.json", summary)
+        write_json_atomic(run / "summary.json", summary)
     print(f"[pretrain] done in {summary['wall_s'] / 60:.1f} min: {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
     return summary

@@ -31,28 +31,10 @@ CACHE_VERSION = 1
 
 
 def read_audio(path: str) -> torch.Tensor:
-    """Mono float32 16 kHz waveform (1-D). Uses qspeech.data.read_audio when it exists, else soundfile."""
-    try:
-        from qspeech.data import read_audio as _read  # type: ignore[attr-defined]
-    except ImportError:
-        _read = None
-    if _read is not None:
-        out = _read(path)
-        if isinstance(out, tuple):
-            out = out[0]
-        return torch.as_tensor(np.asarray(out), dtype=torch.float32).reshape(-1)
-    import soundfile as sf
+    """Mono float32 16 kHz waveform (1-D), read by the data layer (DataError on unreadable files)."""
+    from qspeech.data import read_audio as _read
 
-    try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - soundfile raises several types
-        raise DataError(f"cannot read audio '{path}': {e}") from None
-    wav = wav.mean(1)
-    if sr != SAMPLE_RATE:
-        import soxr
-
-        wav = soxr.resample(wav, sr, SAMPLE_RATE).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(wav))
+    return torch.from_numpy(np.ascontiguousarray(_read(path), dtype=np.float32))
 
 
 class _AudioSampler:
@@ -146,7 +128,6 @@ def quant_cache_key(upstream, cfg: QuantConfig, bits: int, audio_paths) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-_atomic_save = torch_save_atomic
 
 
 def clone_upstream(upstream):
@@ -194,7 +175,7 @@ def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: QuantConfig, s
 
     def save(step):
         if ckpt is not None:
-            _atomic_save({"key": key, "stage": stage, "bits": bits, "step": step, "model": student.model.state_dict(),
+            torch_save_atomic({"key": key, "stage": stage, "bits": bits, "step": step, "model": student.model.state_dict(),
                           "optim": opt.state_dict(), "losses": losses}, ckpt)
 
     steps = int(cfg.steps)
@@ -290,7 +271,7 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
     upstream.model.load_state_dict(previous.model.state_dict())
     info.update(stages=stages, seconds=round(time.time() - t0, 2), from_cache=False)
     if cache_file is not None:
-        _atomic_save({"model": upstream.model.state_dict(), "info": info}, cache_file)
+        torch_save_atomic({"model": upstream.model.state_dict(), "info": info}, cache_file)
     _write_info(run_dir, info)
     return _freeze(upstream)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -39,20 +38,15 @@ def download(url: str, dst: Path, timeout: float = 30.0) -> Path:
     """Download to a temp file beside dst, then rename: an interrupted download leaves no bad file."""
     from tqdm import tqdm
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    from qspeech.atomic import atomic_path
+
     req = urllib.request.Request(url, headers={"User-Agent": "qspeech"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp, atomic_path(dst) as tmp:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dst.name) as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dst.name) as bar:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
     return dst
 
 
