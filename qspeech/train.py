@@ -46,6 +46,10 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint interval in steps; null: eval_every
     log_every: int = 50
     grad_clip: float = 1.0  # max global grad norm; 0 or null: no clipping
+    # Learning-rate schedule over max_steps: constant (s3prl's SUPERB ASR) | linear (decay to 0: a short
+    # run ends annealed instead of at its noisiest); warmup_steps of linear warmup first.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     resume: bool = True
     # Where the resumable training state lives; null: <cache_dir>/runs/<hash of everything that
     # determines the result>, so re-running a killed command resumes it whatever its output folder.
@@ -90,6 +94,9 @@ def validate_train_config(train_cfg) -> TrainConfig:
     need(c.device in ("auto", "cpu", "cuda") or str(c.device).startswith("cuda:"),
          f"device={c.device!r}: use auto, cpu or cuda")
     need(c.amp in ("auto", "bf16", "off"), f"amp={c.amp!r}: use auto, bf16 or off")
+    need(c.lr_schedule in ("constant", "linear"), f"lr_schedule={c.lr_schedule!r}: use constant or linear")
+    need(isinstance(c.warmup_steps, int) and 0 <= c.warmup_steps < c.max_steps,
+         f"warmup_steps={c.warmup_steps!r}: must be an integer in [0, max_steps)")
     for k in ("max_steps", "batch_size", "bucket_window", "eval_every", "log_every", "eval_batch_size"):
         v = getattr(c, k)
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{k}={v!r}: must be an integer >= 1")
@@ -105,6 +112,15 @@ def validate_train_config(train_cfg) -> TrainConfig:
     need(c.num_threads is None or (isinstance(c.num_threads, int) and c.num_threads >= 1),
          f"num_threads={c.num_threads!r}: must be null or >= 1")
     return c
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of the task's learning rate for the update that takes `step` to `step + 1`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "linear":
+        return (cfg.max_steps - step) / (cfg.max_steps - cfg.warmup_steps)
+    return 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,6 +255,8 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
 
     model = task.model.to(device)
     optimizer = task.make_optimizer()
+    # A function of the step alone, so a resumed run continues the same schedule.
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     lengths = list(task.train_lengths())
     if not lengths:
         raise TrainingError("no training items: the training split is empty")
@@ -299,6 +317,8 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
                 if not torch.isfinite(gnorm).item():
                     raise TrainingError(f"gradient norm is {gnorm.item()} at step {step + 1}: training diverged; "
                                         f"lower the learning rate")
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * lr_factor(cfg, step)
             optimizer.step()
             step += 1
             step_s += time.perf_counter() - t0

@@ -136,7 +136,7 @@ def test_overfits_a_handful_of_utterances(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, **{"task.lr": 5e-3, "task.dropout": 0.0, "task.specaug.enabled": False,
                                 "task.project_dim": 128, "task.hidden_size": 128, "task.num_layers": 1,
                                 "train.max_steps": 200, "train.batch_size": 6, "train.eval_every": 20,
-                                "train.num_threads": 1})
+                                "train.lr_schedule": "constant", "train.num_threads": 1})
     m = run_task(cfg, tiny_upstream(), tmp_path / "run", "up0", progress=False)
     assert m["value"] <= 5.0 and m["dev_wer"] <= 5.0 and m["cer"] <= 2.0
     assert m["n_train"] == 6 and m["feature_cache"] == "miss" and m["steps"] == 200

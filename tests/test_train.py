@@ -11,7 +11,7 @@ from torch import nn
 import qspeech.tasks.asr as asr
 from qspeech.errors import TrainingError
 from qspeech.tasks import run_task
-from qspeech.train import TrainConfig, epoch_batches, fit
+from qspeech.train import TrainConfig, epoch_batches, fit, lr_factor, validate_train_config
 
 from test_asr_fixture import fake_data_api, make_cfg, tiny_upstream, write_corpus
 
@@ -47,7 +47,8 @@ class Toy:
         return {"mse": float(((self.model(self.x).squeeze(-1) - self.y) ** 2).mean())}
 
     def make_optimizer(self):
-        return torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        return self.opt
 
 
 def _cfg(**kw):
@@ -74,9 +75,31 @@ def test_nan_loss_raises_training_error(tmp_path):
         fit(task, _cfg(), seed=0, state_dir=tmp_path / "s", progress=False)
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
+def test_lr_factor_schedules():
+    lin = _cfg(max_steps=10, lr_schedule="linear", warmup_steps=2)
+    assert [lr_factor(lin, s) for s in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert [lr_factor(_cfg(max_steps=4, lr_schedule="linear"), s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert {lr_factor(_cfg(max_steps=5), s) for s in range(5)} == {1.0}
+    for bad in ({"lr_schedule": "cosine"}, {"warmup_steps": 30}, {"warmup_steps": -1}):
+        with pytest.raises(Exception, match="train.(lr_schedule|warmup_steps)"):
+            validate_train_config({**dataclasses.asdict(_cfg()), **bad})
+
+
+def test_fit_applies_the_schedule_to_the_task_optimizer(tmp_path):
+    task, seen = Toy(), []
+    fit(task, _cfg(max_steps=8, lr_schedule="linear", warmup_steps=2), seed=0, state_dir=tmp_path / "s",
+        progress=False, on_step=lambda step: seen.append(task.opt.param_groups[0]["lr"]))
+    assert seen == pytest.approx([1e-2 * f for f in (0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])
+
+
+@pytest.mark.parametrize("sched", [{}, {"lr_schedule": "linear", "warmup_steps": 4}])
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, sched):
+    def cfg(**kw):  # the toy run's settings plus the schedule under test
+        return _cfg(**{**sched, **kw})
+
     full = Toy()
-    r_full = fit(full, _cfg(), seed=0, state_dir=tmp_path / "a", run_dir=tmp_path / "ra", progress=False)
+    r_full = fit(full, cfg(), seed=0, state_dir=tmp_path / "a", run_dir=tmp_path / "ra", progress=False)
 
     class Stop(Exception):
         pass
@@ -87,22 +110,22 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
 
     part = Toy()
     with pytest.raises(Stop):
-        fit(part, _cfg(), seed=0, state_dir=tmp_path / "b", progress=False, on_step=stop_at)
+        fit(part, cfg(), seed=0, state_dir=tmp_path / "b", progress=False, on_step=stop_at)
     again = Toy()
     with torch.no_grad():  # a different init: everything must come from the checkpoint
         for p in again.model.parameters():
             p.add_(1.0)
-    r_res = fit(again, _cfg(), seed=0, state_dir=tmp_path / "b", run_dir=tmp_path / "rb", progress=False)
+    r_res = fit(again, cfg(), seed=0, state_dir=tmp_path / "b", run_dir=tmp_path / "rb", progress=False)
     assert r_res.resumed_from == 10 and r_res.steps == r_full.steps == 30
     assert r_res.best_step == r_full.best_step and r_res.best == r_full.best
     for p, q in zip(full.model.state_dict().values(), again.model.state_dict().values()):
         assert torch.equal(p, q)
     assert (tmp_path / "ra" / "metrics.csv").read_text() == (tmp_path / "rb" / "metrics.csv").read_text()
     # a finished run resumed again does no more steps
-    r3 = fit(Toy(), _cfg(), seed=0, state_dir=tmp_path / "b", progress=False)
+    r3 = fit(Toy(), cfg(), seed=0, state_dir=tmp_path / "b", progress=False)
     assert r3.resumed_from == 30 and r3.best == r_full.best
     # resume off: starts over
-    assert fit(Toy(), _cfg(resume=False, max_steps=5), seed=0, state_dir=tmp_path / "b",
+    assert fit(Toy(), cfg(resume=False, max_steps=5), seed=0, state_dir=tmp_path / "b",
                progress=False).resumed_from == 0
 
 
