@@ -192,11 +192,15 @@ def plot(table: pd.DataFrame, path: Path) -> Path | None:
             part = part.assign(runtime_vs_teacher=part["runtime_vs_teacher"].fillna(part["est_runtime"]))
             for (model, init, quant), grp in part.groupby(["model", "init", "quant"], sort=False):
                 grp = grp.sort_values("bits")
+                own = grp
+                if quant != "fp":  # each quantizer's curve starts at its full-precision point
+                    fp = part[(part["model"] == model) & (part["init"] == init) & (part["quant"] == "fp")]
+                    grp = pd.concat([grp, fp.head(1)])
                 is_distil = "distil" in str(model)
                 label = f"{model}{'' if init == 'pretrained' else ' (' + init + ')'} {quant}"
                 ax.plot(grp[x].astype(float), grp["value"].astype(float), marker="*" if is_distil else "o",
                         markersize=14 if is_distil else 6, linestyle="" if is_distil else "-", label=label)
-                for _, r in grp.iterrows():
+                for _, r in own.iterrows():
                     ax.annotate(f"{int(r['bits'])}b", (float(r[x]), float(r["value"])), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
             ax.set_xlabel(xlabel)
