@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,15 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 def torch_save_atomic(obj: Any, path: str | Path) -> Path:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
+    # torch.save names the zip's records after the file it writes: saving under the final name (in a temp
+    # folder beside it) keeps the bytes a function of the object alone, so rebuilt checkpoints are identical.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        torch.save(obj, tmp_dir / path.name)
+        os.chmod(tmp_dir / path.name, 0o666 & ~_UMASK)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path

@@ -88,3 +88,23 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_torch_save_atomic_bytes_depend_on_the_object_only(tmp_path):
+    """torch.save names zip records after the file written; a temp name there made rebuilt checkpoints
+    differ byte-wise from identical ones (it happened to `make assets`)."""
+    import hashlib
+    import os
+    import zipfile
+
+    import torch
+
+    from qspeech.atomic import torch_save_atomic
+
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "meta": {"steps": 3}}
+    a = torch_save_atomic(obj, tmp_path / "a" / "model.pt")
+    b = torch_save_atomic(obj, tmp_path / "b" / "model.pt")
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+    assert {n.split("/")[0] for n in zipfile.ZipFile(a).namelist()} == {"model"}  # the stem, no temp name
+    assert os.listdir(tmp_path / "a") == ["model.pt"]  # no temp folder left behind
+    assert torch.equal(torch.load(a, weights_only=True)["w"], obj["w"])
