@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qspeech.tasks.asr as asr
-from qspeech.errors import TrainingError
+from qspeech.errors import ConfigError, TrainingError
 from qspeech.tasks import run_task
 from qspeech.train import TrainConfig, epoch_batches, fit, lr_factor, validate_train_config
 
@@ -82,7 +82,7 @@ def test_lr_factor_schedules():
     assert [lr_factor(_cfg(max_steps=4, lr_schedule="linear"), s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     assert {lr_factor(_cfg(max_steps=5), s) for s in range(5)} == {1.0}
     for bad in ({"lr_schedule": "cosine"}, {"warmup_steps": 30}, {"warmup_steps": -1}):
-        with pytest.raises(Exception, match="train.(lr_schedule|warmup_steps)"):
+        with pytest.raises(ConfigError, match="train.(lr_schedule|warmup_steps)"):
             validate_train_config({**dataclasses.asdict(_cfg()), **bad})
 
 
