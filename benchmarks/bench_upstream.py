@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
 
     from omegaconf import OmegaConf
 
-    from qspeech.bench import bench_upstream, format_table
+    from qspeech.bench import bench_upstream
     from qspeech.results import write_json_atomic
     from qspeech.upstream import build_upstream
 

@@ -18,7 +18,7 @@ torch.set_num_threads and onnxruntime's intra_op_num_threads, both recorded):
                         scales when its grid is uniform symmetric per channel / per tensor (rtn, lsq, bit),
                         else torch's per-channel minmax grid of the fake-quantized weights (said in 'weights').
                         The attention projections are routed through their modules (qspeech.quant.api.
-                        _force_projection_calls) because fairseq's attention otherwise reads q_proj.weight.
+                        force_projection_calls) because fairseq's attention otherwise reads q_proj.weight.
   int8_w8a8+cnn_int8    as int8_w8a8, and the CNN front end's convolutions (all but the first, 1-channel one)
                         run as unfold + the same int8 kernel (per-channel minmax weights: the fake-quant
                         model keeps the CNN in full precision, so this adds error)
@@ -89,16 +89,6 @@ def _time(fn, repeats: int, warmup: int, sync=None) -> list[float]:
             sync()
         times.append((time.perf_counter() - t) * 1e3)
     return times
-
-
-@contextmanager
-def _torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _last(out) -> torch.Tensor:
@@ -193,7 +183,7 @@ def int8_upstream(upstream_fp, quantized, cnn: bool = False):
     """A copy of the fp upstream whose quantized linears (those of `quantized`, a fake-quantized upstream
     with the same architecture) run torch's dynamic int8 kernel; cnn=True also the CNN convolutions."""
     from qspeech.quant import quantized_modules, quantized_weight_parts
-    from qspeech.quant.api import _force_projection_calls
+    from qspeech.quant.api import force_projection_calls
     from qspeech.quant.distill import clone_upstream
 
     up = clone_upstream(upstream_fp)
@@ -207,7 +197,7 @@ def int8_upstream(upstream_fp, quantized, cnn: bool = False):
         q, how = int8_weight(parts, mod.weight)
         grids.add(how)
         _set_module(up.model, name, _dq_linear(q, mod.bias))
-    _force_projection_calls(up.model, names)
+    force_projection_calls(up.model, names)
     if cnn:
         for i, block in enumerate(up.model.feature_extractor.conv_layers):
             conv = block[0]
@@ -422,6 +412,7 @@ def bench_upstream(upstream_or_cfg, bits=DEFAULT_BITS, seconds: float = 10.0, ba
     from qspeech.quant import QuantConfig, as_quant_config, quantize_
     from qspeech.quant.distill import clone_upstream
     from qspeech.quant.export import round_to_storage_
+    from qspeech.train import torch_threads
 
     upstream = _resolve_upstream(upstream_or_cfg)
     from qspeech.quant import quantized_modules
@@ -462,7 +453,7 @@ def bench_upstream(upstream_or_cfg, bits=DEFAULT_BITS, seconds: float = 10.0, ba
         last = torch.from_numpy(sess.run([sess.get_outputs()[-1].name], feed)[0])
         return (lambda: sess.run(None, feed)), last
 
-    with _torch_threads(threads), tmp as wd, torch.inference_mode():
+    with torch_threads(threads), tmp as wd, torch.inference_mode():
         wd = Path(wd)
         # --- torch fp32 (baseline)
         ref_fp = _last(upstream(wavs))
@@ -623,19 +614,12 @@ def main(cfg, run_dir=None) -> dict:
     bench.onnx, bench.cnn_int8."""
     from omegaconf import OmegaConf
 
+    from qspeech.config import output_dir
     from qspeech.results import write_json_atomic
     from qspeech.seeding import seed_everything
     from qspeech.upstream import build_upstream
 
-    if run_dir is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            run_dir = HydraConfig.get().runtime.output_dir
-        except Exception:  # noqa: BLE001
-            run_dir = "."
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = output_dir(run_dir)
     b = OmegaConf.to_container(cfg.get("bench") or OmegaConf.create({}), resolve=True)
     bits = b.get("bits")
     if bits is None:

@@ -208,8 +208,8 @@ def _cmd_run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _cmd_cost(cfg: DictConfig, run_dir: Path) -> dict:
     from qspeech.cost import format_table
-    from qspeech.results import write_json_atomic
-    from qspeech.runner import compute_cost
+    from qspeech.results import COST_FILE
+    from qspeech.runner import compute_cost, write_cost
     from qspeech.seeding import seed_everything
     from qspeech.upstream import build_upstream
 
@@ -219,10 +219,8 @@ def _cmd_cost(cfg: DictConfig, run_dir: Path) -> dict:
         model_cfg.init = "random"
     report = compute_cost(cfg, build_upstream(model_cfg))
     print(format_table(report))
-    out = report.to_dict() | {"model": cfg.model.name, "quant": cfg.quant.method, "bits": int(cfg.bits),
-                              "targets": list(cfg.quant.targets)}
-    write_json_atomic(run_dir / "cost.json", out)
-    print(f"-> {run_dir / 'cost.json'}")
+    out = write_cost(cfg, report, run_dir)
+    print(f"-> {run_dir / COST_FILE}")
     return out
 
 

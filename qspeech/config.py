@@ -6,7 +6,7 @@ checks the top level and the model group, and calls the stage validators.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,36 @@ class ModelConfig:
     trust_checkpoint: bool = False
     asset: str | None = None
     arch_cfg: dict[str, Any] = field(default_factory=dict)
+
+
+def plain(cfg) -> dict:
+    """A config node (DictConfig, mapping or None) as a plain dict, interpolations resolved."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg or {})
+
+
+def check_keys(schema, d: dict, group: str) -> None:
+    """ConfigError (one line) naming the keys of `d` that the dataclass `schema` does not have."""
+    names = {f.name for f in fields(schema)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{group}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+
+
+def output_dir(run_dir=None, default=".") -> Path:
+    """run_dir if given, else Hydra's output folder of the running job, else `default`; created."""
+    if run_dir is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                run_dir = HydraConfig.get().runtime.output_dir
+        except Exception:  # noqa: BLE001 - not under Hydra
+            pass
+    path = Path(run_dir if run_dir is not None else default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def group_options(group: str) -> list[str]:

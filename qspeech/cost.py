@@ -166,9 +166,10 @@ def account(
         if quantized and leaf == "weight_g":
             continue  # weight norm's gain is folded into the quantized weight (counted via weight_v)
         if quantized and leaf in ("weight", "weight_v"):
+            scales = overhead(tuple(p.shape), b)
             row.bits = b
-            row.scale_values += overhead(tuple(p.shape), b)
-            row.storage_bits += p.numel() * b + overhead(tuple(p.shape), b) * BASELINE_BITS
+            row.scale_values += scales
+            row.storage_bits += p.numel() * b + scales * BASELINE_BITS
         else:
             row.storage_bits += p.numel() * BASELINE_BITS
     for name, (kind, m) in mac_table.items():

@@ -54,12 +54,30 @@ def estimate_bytes(upstream, total_seconds: float) -> int:
     return int(frames * upstream.num_hidden * upstream.hidden_size * 2)
 
 
-def run_upstream(upstream, wavs: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad, run the (frozen) upstream without gradients. Returns (B, F, L, D) float32 and frame lengths."""
+def pad_waves(wavs) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D waveforms (numpy arrays or tensors) -> zero-padded (B, T) float32 batch and their lengths."""
     lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
     batch = torch.zeros(len(wavs), int(lens.max()), dtype=torch.float32)
     for i, w in enumerate(wavs):
-        batch[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        batch[i, : len(w)] = torch.as_tensor(np.asarray(w, dtype=np.float32))
+    return batch, lens
+
+
+def read_waves(utts: Sequence, indices, read_audio: Callable[[str], np.ndarray]):
+    """(waveforms, indices read, [(path, DataError)] of the unreadable ones) for utts[indices]."""
+    wavs, kept, failed = [], [], []
+    for i in indices:
+        try:
+            wavs.append(read_audio(utts[i].path))
+            kept.append(i)
+        except DataError as e:
+            failed.append((str(utts[i].path), e))
+    return wavs, kept, failed
+
+
+def run_upstream(upstream, wavs: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad, run the (frozen) upstream without gradients. Returns (B, F, L, D) float32 and frame lengths."""
+    batch, lens = pad_waves(wavs)
     with torch.no_grad():  # not inference_mode: live features feed the (trained) featurizer
         out = upstream(batch.to(device), lens.to(device))
         stacked = torch.stack([h.float() for h in out.hidden_states], dim=2)
@@ -199,14 +217,10 @@ def build(upstream, utts: Sequence, read_audio: Callable[[str], np.ndarray], pat
         batches = _length_batches(utts, batch_s)
         bar = tqdm(total=len(utts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
         for b in batches:
-            wavs, ok = [], []
-            for i in b:
-                try:
-                    wavs.append(read_audio(utts[i].path))
-                    ok.append(i)
-                except DataError as e:
-                    skipped.append(str(utts[i].path))
-                    log.warning("skipping unreadable audio %s: %s", utts[i].path, e)
+            wavs, ok, failed = read_waves(utts, b, read_audio)
+            for path_, e in failed:
+                skipped.append(path_)
+                log.warning("skipping unreadable audio %s: %s", path_, e)
             if ok:
                 t0 = time.perf_counter()
                 feats, lens = run_upstream(upstream, wavs, device)

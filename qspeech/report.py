@@ -185,11 +185,11 @@ def plot(table: pd.DataFrame, path: Path) -> Path | None:
     panels = [("qspeech", "Our runs"), (paper.SOURCE, "Published (Yeh et al. 2023)")]
     for row_i, (source, title) in enumerate(panels):
         part = ok[ok["source"] == source]
+        part = part.assign(runtime_vs_teacher=part["runtime_vs_teacher"].fillna(part["est_runtime"]))
         axes_spec = [("storage_mb", "storage (MB)"),
                      ("runtime_vs_teacher", "est. runtime (relative to the full-precision teacher)")]
         for col_i, (x, xlabel) in enumerate(axes_spec):
             ax = axes[row_i][col_i]
-            part = part.assign(runtime_vs_teacher=part["runtime_vs_teacher"].fillna(part["est_runtime"]))
             for (model, init, quant), grp in part.groupby(["model", "init", "quant"], sort=False):
                 grp = grp.sort_values("bits")
                 own = grp
@@ -248,11 +248,7 @@ def make_report(outputs: str | Path = "outputs") -> dict:
     outputs = Path(outputs)
     results, problems = collect(outputs)
     costs, _ = collect(outputs, COST_FILE, frozenset({"model", "bits", "storage_mb", "est_runtime"}))
-    for c in costs:
-        c["_mtime"] = (Path(c["run_dir"]) / COST_FILE).stat().st_mtime
     benches, _ = collect(outputs, BENCH_FILE, frozenset({"model", "variants"}))
-    for b in benches:
-        b["_mtime"] = (Path(b["run_dir"]) / BENCH_FILE).stat().st_mtime
     table = add_measured_speed(build_table(results), benches)
     costs_df = cost_table(costs)
     outputs.mkdir(parents=True, exist_ok=True)

@@ -42,5 +42,6 @@ def collect(root: str | Path, name: str = RESULT_FILE,
             problems.append(f"{path}: unreadable result ({str(e).splitlines()[0][:100]}); skipped")
             continue
         data["run_dir"] = str(path.parent)
+        data["_mtime"] = path.stat().st_mtime  # the latest of several files of one kind wins
         results.append(data)
     return results, problems

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qspeech.config import validate
 from qspeech.errors import QSpeechError
-from qspeech.results import RESULT_FILE, git_commit, write_json_atomic
+from qspeech.results import COST_FILE, RESULT_FILE, git_commit, write_json_atomic
 from qspeech.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,14 @@ def compute_cost(cfg: DictConfig, upstream) -> "CostReport":  # noqa: F821
     q = cfg.quant
     chosen = select_targets(upstream.model, int(cfg.bits), q.targets, q.get("exclude", []), q.get("overrides", {}))
     return account(upstream, chosen, lambda shape, b: overhead_values(q, shape, b), float(cfg.cost.seconds))
+
+
+def write_cost(cfg: DictConfig, cost, run_dir: Path) -> dict:
+    """cost.json of a run folder: the accounting and what it describes."""
+    out = cost.to_dict() | {"model": cfg.model.name, "quant": cfg.quant.method, "targets": list(cfg.quant.targets),
+                            "bits": int(cfg.bits)}
+    write_json_atomic(Path(run_dir) / COST_FILE, out)
+    return out
 
 
 def base_result(cfg: DictConfig) -> dict:
@@ -76,12 +84,12 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
         timings["load_s"] = time.perf_counter() - t
 
         cost = compute_cost(cfg, upstream)
-        write_json_atomic(run_dir / "cost.json", cost.to_dict() | {k: result[k] for k in ("model", "quant", "targets", "bits")})
+        write_cost(cfg, cost, run_dir)
         result.update(params=cost.params, quantized_params=cost.quantized_params, macs=cost.macs,
                       storage_mb=round(cost.storage_mb, 4), est_runtime=round(cost.est_runtime, 4))
 
         t = time.perf_counter()
-        upstream = _quantize(cfg, upstream, run_dir, progress)
+        upstream = quantize_upstream(cfg, upstream, run_dir, progress)
         # Evaluate exactly what the packed file stores: fp16 scales and fp16 non-quantized tensors.
         from qspeech.quant.export import round_to_storage_
 
@@ -125,7 +133,8 @@ def _result_path(run_dir: Path, result: dict) -> Path:
     return path
 
 
-def _quantize(cfg: DictConfig, upstream, run_dir: Path, progress: bool):
+def quantize_upstream(cfg: DictConfig, upstream, run_dir: Path, progress: bool = True):
+    """The upstream quantized as cfg.quant / cfg.bits say (QAT methods distil on the data's train audio)."""
     from qspeech.quant import prepare_quantized_upstream
 
     audio = None

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
+import io
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qspeech.atomic import torch_save_atomic
-from qspeech.seeding import rng_state, seed_everything, set_rng_state
+from qspeech.atomic import torch_save_atomic, write_text_atomic
+from qspeech.config import check_keys, plain
 from qspeech.errors import ConfigError, TrainingError
+from qspeech.seeding import rng_state, seed_everything, set_rng_state
 
 CKPT_VERSION = 1
 
@@ -62,26 +62,11 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads; null: torch's default
 
 
-def _plain(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg or {})
-
-
-def _check_fields(cls, d: dict, group: str) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{group}: unknown key(s) {unknown}; known: {sorted(names)}")
-
-
 def validate_train_config(train_cfg) -> TrainConfig:
     """Return the typed TrainConfig or raise ConfigError (one line)."""
-    d = _plain(train_cfg)
+    d = plain(train_cfg)
     d.pop("defaults", None)
-    _check_fields(TrainConfig, d, "train")
+    check_keys(TrainConfig, d, "train")
     try:
         c = TrainConfig(**d)
     except TypeError as e:  # pragma: no cover - dataclass signature errors
@@ -114,13 +99,31 @@ def validate_train_config(train_cfg) -> TrainConfig:
     return c
 
 
+def linear_warmup_decay(peak: float, step: int, total: int, warmup: int) -> float:
+    """Learning rate of the update that takes `step` to `step + 1`: linear warmup to `peak` over `warmup`
+    steps, then linear decay to 0 at `total` (fairseq's polynomial_decay, power 1)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """Multiplier of the task's learning rate for the update that takes `step` to `step + 1`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "linear":
-        return (cfg.max_steps - step) / (cfg.max_steps - cfg.warmup_steps)
-    return 1.0
+        return linear_warmup_decay(1.0, step, cfg.max_steps, cfg.warmup_steps)
+    return (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's CPU thread count set to n (None: unchanged) inside the block, restored after."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,13 +213,12 @@ def _load(path: Path) -> dict:
 
 
 def _write_csv(rows: list[dict], paths: list[Path]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "split", "metric", "value"], lineterminator="\r\n")
+    w.writeheader()
+    w.writerows(rows)
     for p in paths:
-        tmp = p.with_name(f".{p.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "split", "metric", "value"])
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, p)
+        write_text_atomic(p, buf.getvalue())
 
 
 def fit(task: Trainable, cfg: TrainConfig, *, seed: int, state_dir: Path, run_dir: Path | None = None,
@@ -230,14 +232,9 @@ def fit(task: Trainable, cfg: TrainConfig, *, seed: int, state_dir: Path, run_di
     weights (by task.select_metric on dev). `on_step(step)` is called after each step (and after that
     step's checkpoint), e.g. to stop a run early.
     """
-    threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
+    with torch_threads(cfg.num_threads):
         return _fit(task, cfg, seed=seed, state_dir=state_dir, run_dir=run_dir, progress=progress, on_step=on_step,
                     desc=desc)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> FitResult:

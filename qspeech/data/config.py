@@ -79,20 +79,28 @@ class DataConfig:
 
 
 def _to_container(data_cfg) -> dict:
+    from omegaconf import DictConfig
+
+    from qspeech.config import plain
+
     if isinstance(data_cfg, DataConfig):
         return data_cfg.to_dict()
     if data_cfg is None:
         raise ConfigError("no data config: compose one with data=mini|librispeech|manifest|real_speech")
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    if not isinstance(data_cfg, (dict, DictConfig)):
+        raise ConfigError(f"data config must be a mapping, got {type(data_cfg).__name__}")
+    return plain(data_cfg)
 
-        if isinstance(data_cfg, DictConfig):
-            return OmegaConf.to_container(data_cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if isinstance(data_cfg, dict):
-        return dict(data_cfg)
-    raise ConfigError(f"data config must be a mapping, got {type(data_cfg).__name__}")
+
+def _per_split(raw: dict, key: str, what: str) -> dict:
+    """data.<key>: a mapping from known split names (what: what the values are)."""
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"data.{key} must map split names to {what}, got {value!r}")
+    for k in value:
+        if k not in SPLITS:
+            raise ConfigError(f"unknown split data.{key}.{k}: use {', '.join(SPLITS)}")
+    return value
 
 
 def _int(name: str, v, allow_none: bool = False, minimum: int = 0):
@@ -133,31 +141,20 @@ def as_data_config(data_cfg) -> DataConfig:
     cfg.name = str(cfg.name if cfg.name is not None else kind)
     cfg.seed = _int("data.seed", cfg.seed)
 
-    splits = raw.get("splits") or {}
-    if not isinstance(splits, dict):
-        raise ConfigError(f"data.splits must map split names to values, got {splits!r}")
-    for k in splits:
-        if k not in SPLITS:
-            raise ConfigError(f"unknown split data.splits.{k}: use {', '.join(SPLITS)}")
+    splits = _per_split(raw, "splits", "values")
     if kind == "librispeech":
         splits = {**LIBRISPEECH_SPLITS, **splits}
     cfg.splits = {s: splits.get(s) for s in SPLITS}
 
-    max_utts = raw.get("max_utts") or {}
-    if not isinstance(max_utts, dict):
-        raise ConfigError(f"data.max_utts must map split names to counts, got {max_utts!r}")
-    for k in max_utts:
-        if k not in SPLITS:
-            raise ConfigError(f"unknown split data.max_utts.{k}: use {', '.join(SPLITS)}")
+    max_utts = _per_split(raw, "max_utts", "counts")
     cfg.max_utts = {s: _int(f"data.max_utts.{s}", max_utts.get(s), allow_none=True) for s in SPLITS}
 
     mini_raw = raw.get("mini") or {}
     if not isinstance(mini_raw, dict):
         raise ConfigError(f"data.mini must be a mapping, got {mini_raw!r}")
-    mini_known = {f.name for f in fields(MiniConfig)}
-    unknown = sorted(set(mini_raw) - mini_known)
-    if unknown:
-        raise ConfigError(f"unknown key data.mini.{unknown[0]}: known keys are {', '.join(sorted(mini_known))}")
+    from qspeech.config import check_keys
+
+    check_keys(MiniConfig, mini_raw, "data.mini")
     m = MiniConfig(**mini_raw)
     for k in ("n_train", "n_dev", "n_test", "n_unlabeled", "unlabeled_speakers"):
         setattr(m, k, _int(f"data.mini.{k}", getattr(m, k)))

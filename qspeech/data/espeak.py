@@ -16,10 +16,10 @@ import numpy as np
 
 from qspeech.errors import DataError
 
-__all__ = ["Espeak", "english_accents", "voice_variants", "espeak_version"]
+__all__ = ["ACCENTS", "Espeak", "english_accents", "voice_variants", "espeak_version"]
 
 # English accents of espeak-ng's lang/gmw (en-Shaw is the Shavian alphabet: not an accent, left out).
-_ACCENTS = ["en", "en-029", "en-GB-scotland", "en-GB-x-gbclan", "en-GB-x-gbcwmd", "en-GB-x-rp", "en-US", "en-US-nyc"]
+ACCENTS = ["en", "en-029", "en-GB-scotland", "en-GB-x-gbclan", "en-GB-x-gbcwmd", "en-GB-x-rp", "en-US", "en-US-nyc"]
 # Variants that are not read speech (whispering has almost no voicing).
 _EXCLUDED_VARIANTS = {"whisper", "whisperf"}
 
@@ -49,7 +49,7 @@ def espeak_version() -> str:
 @lru_cache(maxsize=1)
 def english_accents() -> tuple[str, ...]:
     base = os.path.join(_data_path(), "lang", "gmw")
-    return tuple(a for a in _ACCENTS if os.path.isfile(os.path.join(base, a)))
+    return tuple(a for a in ACCENTS if os.path.isfile(os.path.join(base, a)))
 
 
 @lru_cache(maxsize=1)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qspeech.atomic import write_text_atomic
 from qspeech.data.config import SPLITS, DataConfig, MiniConfig
 from qspeech.data.text import normalize_text, number_to_words
 from qspeech.errors import ConfigError, DataError
@@ -154,7 +155,7 @@ def speaker_table(seed: int, m: MiniConfig) -> dict[str, list[dict]]:
 
     train/dev/test are disjoint; unlabeled = train speakers + its own extra voices (never dev/test ones).
     """
-    from qspeech.data.espeak import _ACCENTS, english_accents, voice_variants
+    from qspeech.data.espeak import ACCENTS, english_accents, voice_variants
 
     accents, variants = english_accents(), voice_variants()
     rng = _rng(seed, "speakers")
@@ -184,7 +185,7 @@ def speaker_table(seed: int, m: MiniConfig) -> dict[str, list[dict]]:
     for split in ("test", "dev", "train", "unlabeled"):
         spks = []
         for accent, variant in order[pos: pos + counts[split]]:
-            sid = f"{_ACCENTS.index(accent) + 1}{variant_index(variant):03d}"
+            sid = f"{ACCENTS.index(accent) + 1}{variant_index(variant):03d}"
             r = _rng(seed, "speaker", sid)
             spks.append({
                 "id": sid, "voice": f"{accent.lower()}+{variant}", "accent": accent, "variant": variant,
@@ -226,10 +227,10 @@ def mini_root(cfg: DataConfig, cache_dir) -> Path:
 
 # ----------------------------------------------------------------------------------------- synthesis
 
-def _plan(cfg: DataConfig, split: str) -> list[dict]:
+def _plan(cfg: DataConfig, split: str, speakers: list[dict]) -> list[dict]:
     m = cfg.mini
     n = {"train": m.n_train, "dev": m.n_dev, "test": m.n_test, "unlabeled": m.n_unlabeled}[split]
-    spks = list(speaker_table(cfg.seed, m)[split])
+    spks = list(speakers)
     _rng(cfg.seed, "order", split).shuffle(spks)
     per_spk: dict[str, int] = {}
     jobs = []
@@ -410,20 +411,18 @@ def ensure_split(cfg: DataConfig, split: str, cache_dir, progress: bool = True) 
             return root
         for stale in root.glob(f".tmp-{split}-*"):  # an interrupted build: never reused
             shutil.rmtree(stale, ignore_errors=True)
+        speakers = speaker_table(cfg.seed, cfg.mini)
         info = root / "corpus.json"
         if not info.exists():
-            tmp_info = root / f".corpus.json.{os.getpid()}"
-            tmp_info.write_text(json.dumps({**_settings(cfg), "speakers": speaker_table(cfg.seed, cfg.mini)},
-                                           indent=1, sort_keys=True))
-            os.replace(tmp_info, info)
-        jobs = _plan(cfg, split)
+            write_text_atomic(info, json.dumps({**_settings(cfg), "speakers": speakers}, indent=1, sort_keys=True))
+        jobs = _plan(cfg, split, speakers[split])
         tmp = root / f".tmp-{split}-{os.getpid()}-{time.time_ns()}"
         tmp.mkdir()
         try:
             shards = [jobs[i: i + SHARD_SIZE] for i in range(0, len(jobs), SHARD_SIZE)]
             workers = min(cfg.mini.workers or _default_workers(), max(1, len(shards)))
             rows = _run_shards(tmp, shards, workers, f"synthesizing mini/{split}", progress) if shards else []
-            _write_split_files(tmp, split, rows, speaker_table(cfg.seed, cfg.mini)[split])
+            _write_split_files(tmp, split, rows, speakers[split])
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from qspeech.config import CONF_DIR
 
 
 def compose(config_name: str, overrides: list[str] | None = None):

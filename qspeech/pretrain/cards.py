@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
-from qspeech.upstream.checkpoints import ASSET_DIR
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from qspeech.atomic import atomic_path
+from qspeech.upstream.checkpoints import ASSET_DIR, file_sha256
 
 
 def _fmt(metrics: dict | None, keys: list[str]) -> str:
@@ -23,7 +19,7 @@ def _fmt(metrics: dict | None, keys: list[str]) -> str:
 def _common(s: dict) -> list[str]:
     c = s["corpus"]
     return [
-        f"- **File**: `{Path(s['checkpoint']).name}`, {s['bytes'] / 1e6:.2f} MB, sha256 `{_sha256(Path(s['checkpoint']))}`",
+        f"- **File**: `{Path(s['checkpoint']).name}`, {s['bytes'] / 1e6:.2f} MB, sha256 `{file_sha256(s['checkpoint'])}`",
         f"- **Parameters**: {s['params']:,} ({'stored as fp16; loading casts them to the model’s fp32' if s['fp16'] else 'fp32'})",
         f"- **Data**: {c['utterances']} utterances, {c['hours']:.2f} h ({c['source']})" + (
             ": English speech synthesized with eSpeak NG by qspeech.data (the `unlabeled` split: train speakers "
@@ -139,7 +135,6 @@ def install(ckpt: Path, card: Path, asset: str) -> list[Path]:
     dst = ASSET_DIR / asset
     dst_card = ASSET_DIR / (Path(asset).stem + ".md")
     for src, d in ((ckpt, dst), (card, dst_card)):
-        tmp = d.with_name("." + d.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(d)
+        with atomic_path(d) as tmp:
+            shutil.copyfile(src, tmp)
     return [dst, dst_card]

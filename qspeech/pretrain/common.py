@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qspeech.atomic import torch_save_atomic
+from qspeech.atomic import torch_save_atomic, write_json_atomic, write_text_atomic
+from qspeech.data import read_audio
 from qspeech.errors import ConfigError, DataError, TrainingError
 from qspeech.seeding import rng_state, seed_everything, set_rng_state
 
@@ -30,19 +31,6 @@ class Clip:
     num_samples: int
 
 
-def _read_audio(path: str) -> np.ndarray:
-    try:
-        from qspeech.data import read_audio
-    except ImportError:  # qspeech.data not there yet: 16 kHz files only
-        import soundfile as sf
-
-        wav, sr = sf.read(path, dtype="float32", always_2d=True)
-        if sr != SAMPLE_RATE:
-            raise DataError(f"{path}: {sr} Hz; pretraining reads 16 kHz audio") from None
-        return wav.mean(axis=1)
-    return np.asarray(read_audio(path), dtype=np.float32).reshape(-1)
-
-
 class Corpus:
     """The unlabeled pretraining audio, held in memory as int16 (a few hundred MB at most)."""
 
@@ -51,7 +39,7 @@ class Corpus:
         self.description = description
         self.audio: list[np.ndarray] = []
         for c in clips:
-            wav = _read_audio(c.path)
+            wav = read_audio(c.path)
             self.audio.append((np.clip(wav, -1.0, 1.0) * 32767.0).round().astype(np.int16))
             c.num_samples = len(wav)
         self.lengths = np.array([len(a) for a in self.audio])
@@ -157,13 +145,6 @@ def make_optimizer(model: torch.nn.Module, ocfg: DictConfig) -> torch.optim.Opti
     )
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warmup to `peak`, then linear decay to 0 at `total` (fairseq's polynomial_decay, power 1)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
 def warmup_steps(ocfg: DictConfig, total: int) -> int:
     w = float(ocfg.warmup)
     return max(1, int(round(w * total)) if w < 1 else int(w))
@@ -251,23 +232,10 @@ def load_state(path: Path) -> dict:
 def run_dir(cfg: DictConfig, kind: str) -> Path:
     """cfg.run_dir if set (pass an old run's folder to resume it), else Hydra's output folder, else
     outputs/<kind>/<timestamp>."""
-    if cfg.get("run_dir"):
-        path = Path(str(cfg.run_dir)).expanduser()
-    else:
-        path = None
-        try:
-            from hydra.core.hydra_config import HydraConfig
+    from qspeech.config import output_dir
 
-            if HydraConfig.initialized():
-                path = Path(HydraConfig.get().runtime.output_dir)
-        except Exception:  # noqa: BLE001 - no Hydra app around us
-            path = None
-        if path is None:
-            path = REPO_ROOT / "outputs" / kind / time.strftime("%Y-%m-%d/%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
+    given = Path(str(cfg.run_dir)).expanduser() if cfg.get("run_dir") else None
+    return output_dir(given, default=REPO_ROOT / "outputs" / kind / time.strftime("%Y-%m-%d/%H-%M-%S"))
 
 
 def start_run(cfg: DictConfig, kind: str) -> tuple[Path, float]:
@@ -281,7 +249,23 @@ def start_run(cfg: DictConfig, kind: str) -> tuple[Path, float]:
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def finish_run(cfg: DictConfig, kind: str, run: Path, summary: dict, card: str, checkpoint: Path) -> dict:
+    """summary.json and the model card in the run folder; with cfg.install, both installed into
+    qspeech/assets/. What every pretraining command ends with."""
+    from qspeech.pretrain import cards
+
+    write_json_atomic(run / "summary.json", summary)
+    card_path = run / f"{cfg.model.name}.md"
+    write_text_atomic(card_path, card)
+    if cfg.get("install"):
+        summary["installed"] = [str(x) for x in cards.install(checkpoint, card_path, str(cfg.model.asset))]
+        write_json_atomic(run / "summary.json", summary)
+    print(f"[{kind}] done in {summary['wall_s'] / 60:.1f} min: {checkpoint} "
+          f"({checkpoint.stat().st_size / 1e6:.1f} MB)", flush=True)
+    return summary
 
 
 def half_state(state):
@@ -355,6 +339,8 @@ def train_loop(
     """
     from tqdm import tqdm
 
+    from qspeech.train import linear_warmup_decay
+
     opt = make_optimizer(model, ocfg)
     warm = warmup_steps(ocfg, total)
     start, wall, first = 0, 0.0, None
@@ -374,7 +360,7 @@ def train_loop(
     bar = tqdm(total=total, initial=start, desc=stage, disable=not progress, mininterval=1 if tty else 30,
                dynamic_ncols=True)
     for step in range(start, total):
-        lr = lr_at(step, total, float(ocfg.lr), warm)
+        lr = linear_warmup_decay(float(ocfg.lr), step, total, warm)
         for g in opt.param_groups:
             g["lr"] = lr
         np.random.seed((zlib.crc32(stage.encode()) + 1_000_003 * step) % 2**32)  # masks: fixed by the step

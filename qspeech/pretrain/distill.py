@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from qspeech.atomic import write_json_atomic
 from qspeech.errors import ConfigError
 from qspeech.pretrain import cards, common
 from qspeech.pretrain.features import conv_layers, receptive_field
@@ -25,9 +24,9 @@ KIND = "distill"
 
 
 def build_student(student_cfg: dict) -> torch.nn.Module:
-    from qspeech.upstream.builders import _distiller
+    from qspeech.upstream.builders import distiller_model
 
-    return _distiller(dict(student_cfg))
+    return distiller_model(dict(student_cfg))
 
 
 def init_from_teacher(student, teacher, conv: bool = True, encoder: bool = True, encoder_norm: bool = True) -> list[str]:
@@ -156,10 +155,4 @@ def main(cfg: DictConfig) -> dict:
         "env": common.env_info(), "run_dir": str(run), "student_cfg": student_cfg,
         "optim": OmegaConf.to_container(d.optim, resolve=True),
     }
-    write_json_atomic(run / "summary.json", summary)
-    (run / f"{cfg.model.name}.md").write_text(cards.distill_card(summary))
-    if cfg.get("install"):
-        summary["installed"] = [str(x) for x in cards.install(out, run / f"{cfg.model.name}.md", str(cfg.model.asset))]
-        write_json_atomic(run / "summary.json", summary)
-    print(f"[distill] done in {summary['wall_s'] / 60:.1f} min: {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
-    return summary
+    return common.finish_run(cfg, KIND, run, summary, cards.distill_card(summary), out)

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from qspeech.atomic import write_json_atomic
 from qspeech.errors import ConfigError
 from qspeech.pretrain import cards, common
 from qspeech.pretrain.features import conv_layers, num_frames, receptive_field
@@ -42,9 +41,9 @@ def task_config(hop: int) -> dict:
 
 
 def build_model(model_cfg: dict, n_clusters: int, hop: int) -> torch.nn.Module:
-    from qspeech.upstream.builders import _hubert
+    from qspeech.upstream.builders import hubert_model
 
-    return _hubert(dict(model_cfg), task_config(hop), [list(range(n_clusters))])
+    return hubert_model(dict(model_cfg), task_config(hop), [list(range(n_clusters))])
 
 
 def init_label_embeddings(model, how: str) -> None:
@@ -230,11 +229,4 @@ def main(cfg: DictConfig) -> dict:
         "optim": OmegaConf.to_container(p.optim, resolve=True),
         "loss": OmegaConf.to_container(p.loss, resolve=True), "label_emb_init": str(p.get("label_emb_init", "uniform")),
     }
-    write_json_atomic(run / "summary.json", summary)
-    card = cards.hubert_card(summary)
-    (run / f"{cfg.model.name}.md").write_text(card)
-    if cfg.get("install"):
-        summary["installed"] = [str(x) for x in cards.install(out, run / f"{cfg.model.name}.md", str(cfg.model.asset))]
-        write_json_atomic(run / "summary.json", summary)
-    print(f"[pretrain] done in {summary['wall_s'] / 60:.1f} min: {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
-    return summary
+    return common.finish_run(cfg, KIND, run, summary, cards.hubert_card(summary), out)

@@ -21,7 +21,7 @@ from qspeech.quant.modules import (
 from qspeech.quant.targets import select_targets
 
 
-def _inner(model: nn.Module) -> nn.Module:
+def inner_model(model: nn.Module) -> nn.Module:
     """The s3prl model of an Upstream (module names as select_targets sees them), else the model itself."""
     from qspeech.upstream import Upstream
 
@@ -55,10 +55,10 @@ def weight_quantizer(module: nn.Module) -> WeightQuantizer | None:
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """name (relative to the s3prl model) -> module, for every module with a qspeech weight quantizer."""
-    return {n: m for n, m in _inner(model).named_modules() if weight_quantizer(m) is not None}
+    return {n: m for n, m in inner_model(model).named_modules() if weight_quantizer(m) is not None}
 
 
-def _remove_weight_norm(module: nn.Module) -> None:
+def remove_weight_norm(module: nn.Module) -> None:
     # s3prl's pos_conv uses the hook-based nn.utils.weight_norm, which reassigns .weight every forward.
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -67,7 +67,7 @@ def _remove_weight_norm(module: nn.Module) -> None:
             torch.nn.utils.remove_weight_norm(module, hook.name)
 
 
-def _force_projection_calls(model: nn.Module, names) -> None:
+def force_projection_calls(model: nn.Module, names) -> None:
     """fairseq's MultiheadAttention passes q/k/v/out_proj.weight to F.multi_head_attention_forward, so their
     forward (and an input quantizer's pre-hook) never runs; its own path calls the projections."""
     parents = {n.rsplit(".", 1)[0] for n in names if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")}
@@ -85,7 +85,7 @@ def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
     qspeech quantizer are left as they are, so applying it twice changes nothing. bits=32 with no
     overrides below 32 quantizes nothing.
     """
-    inner = _inner(model)
+    inner = inner_model(model)
     cfg = validate_quant_config(cfg, bits, model=inner)
     chosen = select_targets(inner, int(bits), cfg.targets, cfg.exclude, cfg.overrides)
     mods = dict(inner.named_modules())
@@ -93,14 +93,14 @@ def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
         module = mods[name]
         if weight_quantizer(module) is not None:
             continue
-        _remove_weight_norm(module)
+        remove_weight_norm(module)
         q = make_weight_quantizer(cfg, module.weight.detach(), b)
         parametrize.register_parametrization(module, "weight", q)
         if cfg.act_bits is not None:
             module.input_quant = ActQuantizer(int(cfg.act_bits), elastic=cfg.method == "bit")
             module.register_forward_pre_hook(input_quant_hook)
     if cfg.act_bits is not None:
-        _force_projection_calls(inner, chosen)
+        force_projection_calls(inner, chosen)
     return model
 
 
@@ -146,4 +146,5 @@ def quantized_weight_parts(module: nn.Module) -> dict:
 
 
 __all__ = ["quantize_", "remove_quantization_", "quantized_modules", "quantized_weight_parts", "weight_quantizer",
+           "inner_model", "remove_weight_norm", "force_projection_calls",
            "dequantize_parts", "make_weight_quantizer"]

@@ -68,26 +68,16 @@ class QuantConfig:
     progress: bool = True
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(QuantConfig))
-
-
 def as_quant_config(cfg) -> QuantConfig:
     """QuantConfig from a QuantConfig, an omegaconf DictConfig or a mapping (unknown keys: ConfigError)."""
     if isinstance(cfg, QuantConfig):
         return cfg
     if cfg is None:
         return QuantConfig()
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from qspeech.config import check_keys, plain
 
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    cfg = dict(cfg)
-    unknown = sorted(set(cfg) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"quant: unknown key(s) {unknown}; known keys: {list(FIELDS)}")
+    cfg = plain(cfg)
+    check_keys(QuantConfig, cfg, "quant")
     out = QuantConfig(**cfg)
     out.targets = list(out.targets or [])
     out.exclude = list(out.exclude or [])

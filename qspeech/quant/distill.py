@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qspeech.atomic import torch_save_atomic
+from qspeech.atomic import torch_save_atomic, write_json_atomic
 from qspeech.errors import ConfigError, DataError, TrainingError
 from qspeech.quant.api import quantize_, remove_quantization_
 from qspeech.quant.config import PTQ_METHODS, QuantConfig, cache_dict, validate_quant_config
@@ -68,11 +68,9 @@ class _AudioSampler:
                 start = int(rng.integers(0, w.numel() - self.max_len + 1))
                 w = w[start:start + self.max_len]
             wavs.append(w)
-        lens = torch.tensor([w.numel() for w in wavs])
-        out = torch.zeros(len(wavs), int(lens.max()))
-        for j, w in enumerate(wavs):
-            out[j, : w.numel()] = w
-        return out, lens
+        from qspeech.features import pad_waves
+
+        return pad_waves(wavs)
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -278,5 +276,4 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
 
 def _write_info(run_dir: Path | None, info: dict) -> None:
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "quant_distill.json").write_text(json.dumps(info, indent=2, default=str))
+        write_json_atomic(run_dir / "quant_distill.json", info)

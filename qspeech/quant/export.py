@@ -55,7 +55,7 @@ from torch import nn
 
 from qspeech.atomic import atomic_path
 from qspeech.quant import functional as Fq
-from qspeech.quant.api import _force_projection_calls, _inner, quantized_modules, quantized_weight_parts, weight_quantizer
+from qspeech.quant.api import force_projection_calls, inner_model, quantized_modules, quantized_weight_parts, weight_quantizer
 from qspeech.quant.config import as_quant_config
 from qspeech.quant.modules import ActQuantizer, BinaryWeight, WeightQuantizer, dequantize_parts, input_quant_hook
 from qspeech.quant.targets import PRETRAINING_HEADS
@@ -184,7 +184,7 @@ def round_to_storage_(upstream) -> dict:
     evaluated model is exactly the stored one (see the module docstring). Call it after quantization and
     before evaluation; idempotent. Returns {'tensors': number rounded, 'changed': how many changed,
     'max_rel_change': largest relative change of a tensor (L2)}."""
-    model = _inner(upstream)
+    model = inner_model(upstream)
     n, changed, worst = 0, 0, 0.0
 
     def apply(t: torch.Tensor, positive=False):
@@ -218,7 +218,7 @@ def round_to_storage_(upstream) -> dict:
 
 def is_storage_exact(upstream) -> bool:
     """True when the packed file would hold exactly this model (round_to_storage_ has been applied)."""
-    model = _inner(upstream)
+    model = inner_model(upstream)
     for module in quantized_modules(model).values():
         q = weight_quantizer(module)
         if isinstance(q, BinaryWeight):
@@ -238,7 +238,7 @@ def _quant_meta(quant_cfg) -> dict:
 
 def packed_tensors(upstream, quant_cfg=None, bits: int | None = None) -> tuple[dict, dict]:
     """(tensors, metadata) of the packed file for a (fake-)quantized upstream."""
-    model = _inner(upstream)
+    model = inner_model(upstream)
     tensors: dict[str, torch.Tensor] = {}
     modules_meta: dict[str, dict] = {}
     act_meta: dict[str, dict] = {}
@@ -339,7 +339,7 @@ def load_packed(path, keep_parts: bool = False):
     keep their random initialisation (they do not reach the hidden states). With keep_parts=True the
     unpacked parts are kept on `upstream.packed_parts` (module -> parts); the metadata is on
     `upstream.packed_meta`."""
-    from qspeech.quant.api import _remove_weight_norm
+    from qspeech.quant.api import remove_weight_norm
     from qspeech.upstream import Upstream, UpstreamSpec
     from qspeech.upstream.builders import build_random
 
@@ -352,7 +352,7 @@ def load_packed(path, keep_parts: bool = False):
     for name, info in meta["modules"].items():
         parts = unpacked_parts(tensors, name, info)
         module = mods[name]
-        _remove_weight_norm(module)
+        remove_weight_norm(module)
         w = dequantize_parts(parts)
         module.weight = nn.Parameter(w.to(module.weight.dtype), requires_grad=False)
         if keep_parts:
@@ -362,7 +362,7 @@ def load_packed(path, keep_parts: bool = False):
         module.input_quant = ActQuantizer(int(info["bits"]), elastic=bool(info["elastic"]))
         module.register_forward_pre_hook(input_quant_hook)
     if meta["act"]:
-        _force_projection_calls(model, list(meta["act"]))
+        force_projection_calls(model, list(meta["act"]))
     state = model.state_dict()
     plain = {}
     for k, t in tensors.items():
@@ -402,22 +402,16 @@ def main(cfg, run_dir=None) -> dict:
     """`qspeech export`: build the upstream of the run config, quantize it per cfg.quant / cfg.bits, round it
     to its storage (round_to_storage_), write run_dir/upstream.packed.safetensors, reload it, check the hidden
     states are identical on 1 s of noise, print the path and packed vs accounted sizes; writes export.json."""
+    from qspeech.config import output_dir
     from qspeech.results import write_json_atomic
-    from qspeech.runner import _quantize, seed_everything
+    from qspeech.runner import quantize_upstream
+    from qspeech.seeding import seed_everything
     from qspeech.upstream import build_upstream
 
-    if run_dir is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            run_dir = HydraConfig.get().runtime.output_dir
-        except Exception:  # noqa: BLE001 - not under Hydra
-            run_dir = "."
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = output_dir(run_dir)
     seed_everything(int(cfg.seed))
     upstream = build_upstream(cfg.model)
-    upstream = _quantize(cfg, upstream, run_dir, progress=True)
+    upstream = quantize_upstream(cfg, upstream, run_dir)
     rounding = round_to_storage_(upstream)
     path = export_packed(upstream, cfg.quant, int(cfg.bits), run_dir / "upstream.packed.safetensors")
     out = {"path": str(path), "bits": int(cfg.bits), "quant": cfg.quant.method, "rounding": rounding}

@@ -61,7 +61,7 @@ class RTNWeight(WeightQuantizer):
     def forward(self, w):
         wg = self.groups(w)
         if self.bits == 1:
-            return Fq.from_groups(Fq.sign_ste(wg) * self.scale.unsqueeze(-1), w.shape)
+            return Fq.from_groups(Fq.binary_fake(wg, self.scale, center=False), w.shape)
         return Fq.from_groups(Fq.rtn_fake(wg, self.scale, self.zero_point, self.bits), w.shape)
 
     def parts(self, w):

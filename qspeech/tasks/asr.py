@@ -68,15 +68,15 @@ class ASRConfig:
 
 
 def validate_task_config(task_cfg) -> ASRConfig:
-    from qspeech.train import _check_fields, _plain
+    from qspeech.config import check_keys, plain
 
-    d = _plain(task_cfg)
+    d = plain(task_cfg)
     d.pop("defaults", None)  # present only when a yaml is loaded without Hydra
     if d.get("kind", "asr") != "asr":
         raise ConfigError(f"task.kind={d.get('kind')!r}: only 'asr' is implemented")
     spec = d.pop("specaug", None) or {}
-    _check_fields(ASRConfig, d, "task")
-    _check_fields(SpecAugConfig, spec, "task.specaug")
+    check_keys(ASRConfig, d, "task")
+    check_keys(SpecAugConfig, spec, "task.specaug")
     c = ASRConfig(**d, specaug=SpecAugConfig(**spec))
     s = c.specaug
 
@@ -235,18 +235,13 @@ class LiveSource:
         return len(self.utts)
 
     def batch(self, indices, device):
-        from qspeech.features import run_upstream
+        from qspeech.features import read_waves, run_upstream
 
-        wavs, kept = [], []
-        for i in indices:
-            try:
-                wavs.append(self.read_audio(self.utts[i].path))
-                kept.append(i)
-            except DataError as e:
-                if str(self.utts[i].path) not in self.skipped:
-                    self.skipped.append(str(self.utts[i].path))
-                    log.warning("skipping unreadable audio %s: %s (%d skipped so far)", self.utts[i].path, e,
-                                len(self.skipped))
+        wavs, kept, failed = read_waves(self.utts, indices, self.read_audio)
+        for path, e in failed:
+            if path not in self.skipped:
+                self.skipped.append(path)
+                log.warning("skipping unreadable audio %s: %s (%d skipped so far)", path, e, len(self.skipped))
         if not kept:
             return None
         t0 = time.perf_counter()
@@ -320,35 +315,32 @@ def data_api():
 
 
 def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
-    from qspeech.train import _plain
+    from qspeech.config import plain
 
-    train = {k: v for k, v in _plain(cfg.train).items() if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
-    blob = json.dumps({"upstream": upstream_key, "task": _plain(cfg.task), "train": train, "data": data_fps,
+    train = {k: v for k, v in plain(cfg.train).items() if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
+    blob = json.dumps({"upstream": upstream_key, "task": plain(cfg.task), "train": train, "data": data_fps,
                        "seed": int(cfg.seed)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> dict:
     """Train the ASR head on the frozen upstream's features, select on dev WER, report test WER."""
-    from qspeech.train import validate_train_config
+    from qspeech.train import torch_threads, validate_train_config
 
     tcfg = validate_task_config(cfg.task)
     trcfg = validate_train_config(cfg.train)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if trcfg.num_threads:
-        torch.set_num_threads(trcfg.num_threads)
-    try:
+    with torch_threads(trcfg.num_threads):
         return _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -> dict:
     from qspeech import features
+    from qspeech.atomic import torch_save_atomic, write_text_atomic
     from qspeech.errors import TrainingError
-    from qspeech.train import autocast_ctx, fit, resolve_device, seed_everything
+    from qspeech.seeding import seed_everything
+    from qspeech.train import autocast_ctx, fit, resolve_device
 
     cache_dir = Path(str(cfg.cache_dir))
     data = data_api()
@@ -398,12 +390,10 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
     finally:
         upstream.to(orig_device)
 
-    with open(run_dir / "test_predictions.tsv", "w") as f:
-        f.write("utt_id\tref\thyp\n")
-        for row in task.last_predictions.get("test", []):
-            f.write("\t".join(row) + "\n")
-    torch.save({"model": model.state_dict(), "vocab": task.vocab.symbols, "task": dataclasses.asdict(tcfg),
-                "best_step": res.best_step}, run_dir / "downstream.pt")
+    write_text_atomic(run_dir / "test_predictions.tsv", "utt_id\tref\thyp\n" + "".join(
+        "\t".join(row) + "\n" for row in task.last_predictions.get("test", [])))
+    torch_save_atomic({"model": model.state_dict(), "vocab": task.vocab.symbols, "task": dataclasses.asdict(tcfg),
+                       "best_step": res.best_step}, run_dir / "downstream.pt")
 
     if use_cache:
         n = sum(k for k, _ in up_rates)

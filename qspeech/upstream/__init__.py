@@ -5,29 +5,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
+from qspeech.config import plain
 from qspeech.upstream import builders, checkpoints
 from qspeech.upstream.model import SAMPLE_RATE, Upstream, UpstreamOutput, UpstreamSpec
 
 __all__ = ["build_upstream", "save_checkpoint", "fingerprint", "Upstream", "UpstreamOutput", "UpstreamSpec", "SAMPLE_RATE"]
 
 
-def _plain(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_upstream(model_cfg) -> Upstream:
     """model_cfg: the `model` config group (name, arch, url, ckpt, init, asset, arch_cfg, trust_checkpoint)."""
-    cfg = _plain(model_cfg)
+    cfg = plain(model_cfg)
     arch, arch_cfg = cfg["arch"], dict(cfg.get("arch_cfg") or {})
     if cfg.get("init", "pretrained") == "random":
         model, normalize = builders.build_random(arch, arch_cfg)
@@ -37,7 +24,7 @@ def build_upstream(model_cfg) -> Upstream:
         state = checkpoints.load(path, trust=bool(cfg.get("trust_checkpoint", False)))
         checkpoints.check_format(state, arch, path)
         model, normalize = builders.build_from_state(arch, state)
-        spec = UpstreamSpec(cfg["name"], arch, arch_cfg, str(path), _sha256(path))
+        spec = UpstreamSpec(cfg["name"], arch, arch_cfg, str(path), checkpoints.file_sha256(path))
     return Upstream(model, spec, normalize)
 
 

@@ -21,7 +21,7 @@ def _dataclass_from(dc, cfg: dict):
     return dc(**{k: v for k, v in dict(cfg).items() if k in names})
 
 
-def _hubert(model_cfg: dict, task_cfg: dict, symbols: list) -> nn.Module:
+def hubert_model(model_cfg: dict, task_cfg: dict, symbols: list) -> nn.Module:
     from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig
 
     model_cfg = {"label_rate": 50.0, **model_cfg}
@@ -35,7 +35,7 @@ def _wav2vec2(model_cfg: dict) -> nn.Module:
     return Wav2Vec2Model(_dataclass_from(Wav2Vec2Config, model_cfg))
 
 
-def _distiller(cfg: dict) -> nn.Module:
+def distiller_model(cfg: dict) -> nn.Module:
     from s3prl.upstream.distiller.model import DistillerConfig, DistillerModel
 
     return DistillerModel(DistillerConfig(cfg))
@@ -63,11 +63,11 @@ def build_random(arch: str, arch_cfg: dict) -> tuple[nn.Module, bool]:
     """(model, normalize_waveform) with random weights."""
     arch_cfg = dict(arch_cfg)
     if arch == "hubert":
-        return _hubert(arch_cfg, {}, [list(range(HUBERT_NUM_CLASSES))]), False
+        return hubert_model(arch_cfg, {}, [list(range(HUBERT_NUM_CLASSES))]), False
     if arch == "wav2vec2":
         return _wav2vec2(arch_cfg), False
     if arch == "distiller":
-        return _distiller(arch_cfg), False
+        return distiller_model(arch_cfg), False
     if arch == "wavlm":
         cfg = {**WAVLM_BASE_PLUS, **arch_cfg}
         return _wavlm(cfg), bool(cfg.get("normalize", False))
@@ -79,13 +79,13 @@ def build_from_state(arch: str, state: dict) -> tuple[nn.Module, bool]:
     if arch in ("hubert", "wav2vec2"):
         model_cfg, task_cfg = dict(state["model_cfg"]), dict(state["task_cfg"])
         if arch == "hubert":
-            model = _hubert(model_cfg, task_cfg, state.get("dictionaries_symbols") or [list(range(HUBERT_NUM_CLASSES))])
+            model = hubert_model(model_cfg, task_cfg, state.get("dictionaries_symbols") or [list(range(HUBERT_NUM_CLASSES))])
         else:
             model = _wav2vec2(model_cfg)
         weights = state["model_weight"]
         normalize = bool(task_cfg.get("normalize", False))
     elif arch == "distiller":
-        model = _distiller(dict(state["Config"]["distiller"]))
+        model = distiller_model(dict(state["Config"]["distiller"]))
         weights, normalize = state["Distiller"], False
     elif arch == "wavlm":
         cfg = dict(state["cfg"])

@@ -24,6 +24,14 @@ FORMATS = {
 ARCH_FORMAT = {"hubert": "converted", "wav2vec2": "converted", "distiller": "distiller", "wavlm": "wavlm"}
 
 
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def s3prl_cache_dir() -> Path:
     """s3prl's download cache (`s3prl.util.download`), so files s3prl already fetched are reused."""
     return Path(os.environ.get("S3PRL_DOWNLOAD_DIR", Path.home() / ".cache" / "s3prl" / "download"))
