@@ -49,15 +49,17 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 def torch_save_atomic(obj: Any, path: str | Path) -> Path:
     import torch
 
-    # torch.save names the zip's records after the file it writes: saving under the final name (in a temp
-    # folder beside it) keeps the bytes a function of the object alone, so rebuilt checkpoints are identical.
+    # torch.save names the zip's records after the file's stem: writing <stem>.tmp in a temp folder beside
+    # the target keeps the bytes a function of the object alone (rebuilt checkpoints are identical), and no
+    # half-written file ever carries the target's name or suffix.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = tmp_dir / f"{path.stem}.tmp"
     try:
-        torch.save(obj, tmp_dir / path.name)
-        os.chmod(tmp_dir / path.name, 0o666 & ~_UMASK)
-        os.replace(tmp_dir / path.name, path)
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path

@@ -73,7 +73,8 @@ def test_killed_run_resumes_to_one_result(tmp_path):
     deadline = time.time() + 300
     ckpts = []
     while time.time() < deadline and proc.poll() is None:
-        ckpts = list((tmp_path / "cache" / "runs").rglob("*.pt")) if (tmp_path / "cache" / "runs").exists() else []
+        # the resumable state (best.pt is written just before it, at the same step)
+        ckpts = list((tmp_path / "cache" / "runs").rglob("last.pt")) if (tmp_path / "cache" / "runs").exists() else []
         if ckpts:
             break
         time.sleep(0.5)
