@@ -72,7 +72,8 @@ def hubert_card(s: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for it in s["iterations"]:
-        tgt = "MFCC+Δ+ΔΔ (39)" if it["targets"] == "mfcc" else f"layer {it['layer']} of the previous model"
+        tgt = {"mfcc": "MFCC+Δ+ΔΔ (39)", "teacher": "Whisper tiny.en encoder output (384), a supervised teacher"}.get(
+            it["targets"], f"layer {it['layer']} of the previous model")
         tgt += f", {it.get('utterances', '?')} utts"
         f, l = it["first"] or {}, it["final"] or {}
         lines.append(

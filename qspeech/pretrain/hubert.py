@@ -109,8 +109,8 @@ def validate(cfg: DictConfig) -> None:
     for i, it in enumerate(its):
         where = f"pretrain.iterations[{i}]"
         common.require_positive(it, ["clusters", "steps"], where)
-        if it.targets not in ("mfcc", "hidden"):
-            raise ConfigError(f"{where}.targets={it.targets}: choose mfcc or hidden")
+        if it.targets not in ("mfcc", "hidden", "teacher"):
+            raise ConfigError(f"{where}.targets={it.targets}: choose mfcc, hidden or teacher")
         if it.targets == "hidden":
             if i == 0:
                 raise ConfigError(f"{where}: hidden-layer targets need a previous iteration")
@@ -122,21 +122,29 @@ def validate(cfg: DictConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- labels
-def make_labels(corpus, it: DictConfig, prev_model, p: DictConfig, window: int, hop: int, seed: int, path: Path):
+def make_labels(corpus, it: DictConfig, prev_model, p: DictConfig, layers, seed: int, path: Path, threads: int = 1):
     ids = [c.utt_id for c in corpus.clips]
     if path.exists():
         loaded = load_labels(path, ids)
         if loaded is not None:
             return (*loaded, False)
     t0 = time.time()
+    extra = {}
     if it.targets == "mfcc":
+        window, hop = receptive_field(layers)
         feats = mfcc_features(corpus, window, hop, p.mfcc)
+    elif it.targets == "teacher":
+        from qspeech.pretrain.teacher import WhisperEncoder, teacher_features
+
+        enc = WhisperEncoder((p.get("teacher") or {}).get("model_dir"), threads)
+        feats = teacher_features(corpus, lambda n: num_frames(n, layers), enc)
+        extra = {"teacher": "whisper tiny.en encoder (CTranslate2)", "teacher_sha256": enc.sha256()}
     else:
         feats = hidden_features(prev_model, corpus, int(it.layer))
     km = fit_kmeans(feats, int(it.clusters), p.kmeans, seed)
     labels = assign(feats, km)
     stats = {**label_stats(labels, int(it.clusters)), "feature_dim": int(feats[0].shape[1]),
-             "fit_frames": km["fit_frames"], "seconds": round(time.time() - t0, 1)}
+             "fit_frames": km["fit_frames"], "seconds": round(time.time() - t0, 1), **extra}
     save_labels(path, ids, labels, km, stats)
     print(f"[labels {path.parent.name}] {it.targets}: {stats}", flush=True)
     return labels, stats, True
@@ -169,7 +177,8 @@ def main(cfg: DictConfig) -> dict:
         if it.get("max_utts") and int(it.max_utts) < len(corpus):  # e.g. to bound hidden-feature extraction
             rng = np.random.default_rng([int(cfg.seed), i])
             sub = corpus.subset(sorted(rng.choice(len(corpus), int(it.max_utts), replace=False).tolist()))
-        labels, stats, fresh = make_labels(sub, it, prev, p, window, hop, int(cfg.seed) + i, d / "labels.npz")
+        labels, stats, fresh = make_labels(sub, it, prev, p, layers, int(cfg.seed) + i, d / "labels.npz",
+                                           int(cfg.get("threads") or 1))
         for lab, n in zip(labels, sub.lengths):
             assert len(lab) == num_frames(int(n), layers), "labels must match the CNN's frames"
         mcfg = model_config(arch_cfg, train_cfg, hop)
