@@ -139,14 +139,18 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     args = p.parse_args(argv)
 
+    import dataclasses
+
     from omegaconf import OmegaConf
 
+    from qspeech.atomic import write_json_atomic
     from qspeech.bench import bench_upstream
-    from qspeech.results import write_json_atomic
+    from qspeech.checks import typed
     from qspeech.upstream import build_upstream
+    from qspeech.upstream.config import ModelConfig
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
-    cfg.init = "random"
+    cfg = typed(ModelConfig, OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml"), "model")
+    cfg = dataclasses.replace(cfg, init="random")
     torch.manual_seed(0)
     upstream = build_upstream(cfg)
     result = bench_upstream(upstream, bits=[int(b) for b in args.bits.split(",")], seconds=args.seconds, batch=1,

@@ -4,16 +4,19 @@ Hydra overrides; known errors become one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
-import warnings
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from qspeech.config import CONF_DIR, GROUPS, group_options
+import qspeech.pretrain.config  # noqa: F401 - registers the pretrain / distill schemas
+from qspeech.checks import describe
+from qspeech.config import CONF_DIR, GROUPS, RunConfig, group_options, to_typed
 from qspeech.errors import ConfigError, QSpeechError
 
 EXIT_USER_ERROR = 2
@@ -36,12 +39,6 @@ Hydra commands accept `--help`, `--cfg job`, `-m/--multirun` and overrides such 
 Config groups: model, quant, task, data, train (see conf/); `bits` is one of 1, 2, 3, 4, 8, 16, 32.
 """
 
-_FAILURES: list[BaseException] = []
-# Hydra flags that take a value (so the value is not an override).
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                "--config-dir", "-cd", "--experimental-rerun"}
-_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--version", "--shell-completion", "-sc"}
-
 
 def fail(msg: str, code: int = EXIT_USER_ERROR) -> None:
     print(f"qspeech: error: {msg}", file=sys.stderr)
@@ -54,7 +51,7 @@ def _register_resolvers() -> None:
     def run_name(*, _root_: DictConfig) -> str:
         cfg = OmegaConf.masked_copy(_root_, [k for k in _root_.keys() if k not in ("hydra", "cache_dir")])
         quant = "fp" if int(cfg.bits) >= 32 else cfg.quant.method
-        init = "" if cfg.model.get("init", "pretrained") == "pretrained" else f"-{cfg.model.init}"
+        init = "" if cfg.model.init == "pretrained" else f"-{cfg.model.init}"
         task = cfg.task.name if "task" in cfg else "none"
         data = cfg.data.name if "data" in cfg else "none"
         return f"{cfg.model.name}{init}_{quant}_b{cfg.bits}_{task}_{data}_{run_id(cfg)}"
@@ -63,36 +60,28 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("qspeech_run_name", run_name)
 
 
-# ---------------------------------------------------------------- checking overrides before Hydra runs
-def _split_args(argv: list[str]) -> tuple[list[str], bool]:
-    """(overrides, info_only): Hydra flags and their values removed."""
-    overrides, skip = [], False
+# ---------------------------------------------------------------- Hydra's command line
+def hydra_args(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """(overrides, flags, info_only): argv split by Hydra's own parser, so flags may come before, between or
+    after the overrides. info_only: a flag that only prints (--help, --info, ...), no job runs."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_intermixed_args(argv)
+    overrides, flags, i = list(args.overrides), [], 0
     for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in _INFO_FLAGS or a.startswith("--info"):
-            return [], True
-        if a in _VALUE_FLAGS:
-            skip = True
-            continue
-        if a.startswith("-"):
-            continue
-        overrides.append(a)
-    return overrides, False
+        if i < len(overrides) and a == overrides[i]:
+            i += 1
+        else:
+            flags.append(a)
+    return overrides, flags, bool(args.help or args.hydra_help or args.info or args.shell_completion)
 
 
-def precheck(config_name: str, argv: list[str], validate_fn: Callable[[DictConfig], None] | None) -> None:
-    """Compose the config for every value of every sweep parameter and validate it, so a bad value is
-    one clear line (exit 2) before any job of a sweep starts."""
-    from hydra import compose, initialize_config_dir
+def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a sweep: the first value of every swept key, then each other value of one key
+    (every value of every key is composed once). Group options are checked against conf/ first."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
-    overrides, info_only = _split_args(argv)
-    if info_only:
-        return
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
@@ -101,36 +90,55 @@ def precheck(config_name: str, argv: list[str], validate_fn: Callable[[DictConfi
     sweeps: list[tuple[str, list[str]]] = []
     for o in parsed:
         key = o.get_key_element()
+        values = None
         if o.is_sweep_override():
             try:
                 values = list(o.sweep_string_iterator())
             except Exception:  # glob / range sweeps over groups: leave them to Hydra
                 base.append(o.input_line)
-                continue
-            sweeps.append((key, values))
-            base.append(f"{key}={values[0]}")
+            else:
+                sweeps.append((key, values))
+                base.append(f"{key}={values[0]}")
         else:
             base.append(o.input_line)
         group = key.lstrip("+~")
-        if group in GROUPS and not o.is_delete():
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-            for v in values:
+        if group in GROUPS and not o.is_delete() and (values is not None or not o.is_sweep_override()):
+            for v in values if values is not None else [o.value()]:
                 if v is not None and str(v) not in group_options(group):
                     raise ConfigError(f"{group}={v}: no such option; choose one of {', '.join(group_options(group))}")
     variants = [base]
     for key, values in sweeps:
         for v in values[1:]:
             variants.append([f"{key}={v}" if s.split("=", 1)[0] == key else s for s in base])
+    return variants
+
+
+def _compose_error(e: Exception, overrides: list[str]) -> str:
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return describe(cause)
+    msg = " ".join(str(e).split())
+    shown = " ".join(o for o in overrides if not o.startswith("command="))
+    return f"bad override ({shown}): {msg[:300]}"
+
+
+def precheck(config_name: str, overrides: list[str]) -> None:
+    """Compose the config for every value of every sweep parameter and type it (to_typed checks every
+    value), so a bad value is one clear line (exit 2) before any job of a sweep starts."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    variants = _sweep_variants(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qspeech"):
         for ov in variants:
             try:
                 cfg = compose(config_name=config_name, overrides=ov)
             except (HydraException, OmegaConfBaseException) as e:
-                msg = " ".join(str(e).split())
-                shown = " ".join(o for o in ov if not o.startswith("command="))
-                raise ConfigError(f"bad override ({shown}): {msg[:300]}") from None
-            if validate_fn is not None:
-                validate_fn(cfg)
+                raise ConfigError(_compose_error(e, ov)) from None
+            to_typed(cfg)
 
 
 # ---------------------------------------------------------------- Hydra commands
@@ -141,82 +149,70 @@ def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _guarded(fn: Callable[[DictConfig, Path], object]) -> Callable[[DictConfig], object]:
-    """Known errors: one line, exit 2. In a sweep, a failed job is recorded and the others still run."""
+def _job(fn: Callable[[object, Path], object], failures: list[BaseException]) -> Callable[[DictConfig], object]:
+    """Hydra's task function: `fn` gets the typed config and the run folder. Known errors: one line, exit 2;
+    in a sweep a failed job is added to `failures` and the others still run."""
 
     def task(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            return fn(cfg, run_dir)
+            return fn(to_typed(cfg), run_dir)
         except QSpeechError as e:
             print(f"qspeech: error: {e}", file=sys.stderr)
-            _FAILURES.append(e)
+            failures.append(e)
             if not _is_multirun():
                 sys.exit(EXIT_USER_ERROR)
         except Exception as e:
             if not _is_multirun():
                 raise
             traceback.print_exc()
-            _FAILURES.append(e)
+            failures.append(e)
         return None
 
     return task
 
 
-def launch(config_name: str, command: str, argv: list[str], fn: Callable[[DictConfig, Path], object],
-           validate_fn: Callable[[DictConfig], None] | None) -> None:
+def launch(config_name: str, command: str, argv: list[str], fn: Callable[[object, Path], object]) -> None:
     import hydra
 
     _register_resolvers()
-    argv = list(argv)
-    if not _split_args(argv)[1]:
-        argv.append(f"command={command}")
     try:
-        precheck(config_name, argv, validate_fn)
+        overrides, flags, info_only = hydra_args(argv)
+        if not info_only:
+            overrides.append(f"command={command}")
+            precheck(config_name, overrides)
     except QSpeechError as e:
         fail(str(e))
-    main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(_guarded(fn))
-    sys.argv = [f"qspeech {command}"] + argv
+    failures: list[BaseException] = []
+    main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(_job(fn, failures))
+    sys.argv = [f"qspeech {command}", *overrides, *flags]  # Hydra's parser: overrides first, then flags
     main()
-    if _FAILURES:
-        sys.exit(EXIT_USER_ERROR if all(isinstance(e, QSpeechError) for e in _FAILURES) else 1)
+    if failures:
+        sys.exit(EXIT_USER_ERROR if all(isinstance(e, QSpeechError) for e in failures) else 1)
 
 
-def _validate_run(cfg: DictConfig) -> None:
-    from qspeech.config import validate
-
-    validate(cfg)
-
-
-def _validate_cost(cfg: DictConfig) -> None:
-    from qspeech.config import validate
-
-    validate(cfg, stages=("model", "quant"))
-
-
-def _cmd_run(cfg: DictConfig, run_dir: Path) -> dict:
+def _cmd_run(cfg: RunConfig, run_dir: Path) -> "RunResult":  # noqa: F821
     from qspeech.runner import run
 
     result = run(cfg, run_dir)
-    metric = f"{result.get('metric')}={result.get('value'):.2f}" if result.get("value") is not None else ""
+    metric = f"{result.metric}={result.value:.2f}" if result.value is not None else ""
     print(f"[qspeech] {cfg.model.name} {cfg.quant.method} {cfg.bits}-bit {cfg.task.name}: {metric} "
-          f"storage {result['storage_mb']:.2f} MB, est. runtime {result['est_runtime']:.3f} -> {run_dir}/result.json")
+          f"storage {result.storage_mb:.2f} MB, est. runtime {result.est_runtime:.3f} -> {run_dir}/result.json")
     return result
 
 
-def _cmd_cost(cfg: DictConfig, run_dir: Path) -> dict:
+def _cmd_cost(cfg: RunConfig, run_dir: Path) -> dict:
     from qspeech.cost import format_table
     from qspeech.results import COST_FILE
     from qspeech.runner import compute_cost, write_cost
     from qspeech.seeding import seed_everything
     from qspeech.upstream import build_upstream
 
-    seed_everything(int(cfg.seed))
-    model_cfg = cfg.model.copy()
-    if not model_cfg.get("ckpt"):  # accounting needs the architecture only: no download
-        model_cfg.init = "random"
+    seed_everything(cfg.seed)
+    # accounting needs the architecture only: no download
+    model_cfg = cfg.model if cfg.model.ckpt else dataclasses.replace(cfg.model, init="random")
     report = compute_cost(cfg, build_upstream(model_cfg))
     print(format_table(report))
     out = write_cost(cfg, report, run_dir)
@@ -224,19 +220,19 @@ def _cmd_cost(cfg: DictConfig, run_dir: Path) -> dict:
     return out
 
 
-def _cmd_export(cfg: DictConfig, run_dir: Path):
-    from qspeech.quant.export import main as export_main
+def _cmd_export(cfg: RunConfig, run_dir: Path):
+    from qspeech.export import main as export_main
 
     return export_main(cfg, run_dir)
 
 
-def _cmd_bench(cfg: DictConfig, run_dir: Path):
+def _cmd_bench(cfg: RunConfig, run_dir: Path):
     from qspeech.bench import main as bench_main
 
     return bench_main(cfg, run_dir)
 
 
-def _cmd_data(cfg: DictConfig, run_dir: Path) -> dict:
+def _cmd_data(cfg: RunConfig, run_dir: Path) -> dict:
     import json
 
     from qspeech.data import prepare
@@ -246,28 +242,16 @@ def _cmd_data(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _validate_pretrain(cfg: DictConfig) -> None:
-    from qspeech.pretrain import hubert
-
-    hubert.validate(cfg)
-
-
-def _validate_distill(cfg: DictConfig) -> None:
-    from qspeech.pretrain import distill
-
-    distill.validate(cfg)
-
-
-def _cmd_pretrain(cfg: DictConfig, run_dir: Path):
+def _cmd_pretrain(cfg, run_dir: Path):
     from qspeech.pretrain import hubert
 
     return hubert.main(cfg)
 
 
-def _cmd_distill(cfg: DictConfig, run_dir: Path):
-    from qspeech.pretrain import distill
+def _cmd_distill(cfg, run_dir: Path):
+    from qspeech.pretrain import distilhubert
 
-    return distill.main(cfg)
+    return distilhubert.main(cfg)
 
 
 # ---------------------------------------------------------------- plain commands
@@ -296,14 +280,15 @@ def _cmd_demo(argv: list[str]) -> None:
     demo_main(argv)
 
 
+# command -> (its primary config in conf/, the function that gets the typed config and the run folder)
 HYDRA_COMMANDS = {
-    "run": ("config", _cmd_run, _validate_run),
-    "cost": ("config", _cmd_cost, _validate_cost),
-    "export": ("config", _cmd_export, _validate_cost),
-    "bench": ("config", _cmd_bench, _validate_cost),
-    "data": ("config", _cmd_data, None),
-    "pretrain": ("pretrain", _cmd_pretrain, _validate_pretrain),
-    "distill": ("distill", _cmd_distill, _validate_distill),
+    "run": ("config", _cmd_run),
+    "cost": ("config", _cmd_cost),
+    "export": ("config", _cmd_export),
+    "bench": ("config", _cmd_bench),
+    "data": ("config", _cmd_data),
+    "pretrain": ("pretrain", _cmd_pretrain),
+    "distill": ("distill", _cmd_distill),
 }
 PLAIN_COMMANDS = {"report": _cmd_report, "assets": _cmd_assets, "demo": _cmd_demo}
 
@@ -318,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command in HYDRA_COMMANDS:
-        config_name, fn, validate_fn = HYDRA_COMMANDS[command]
-        launch(config_name, command, rest, fn, validate_fn)
+        config_name, fn = HYDRA_COMMANDS[command]
+        launch(config_name, command, rest, fn)
     elif command in PLAIN_COMMANDS:
         try:
             PLAIN_COMMANDS[command](rest)

@@ -1,51 +1,134 @@
-"""Config schema and validation: every composed config is checked before any work starts.
+"""The config schema: every key of conf/ as a typed dataclass field, checked once, before any work starts.
 
-Each stage owns the schema of its own group (qspeech.data, qspeech.quant, qspeech.tasks); this module
-checks the top level and the model group, and calls the stage validators.
+Each group's dataclass lives with its stage: ModelConfig in qspeech/upstream/config.py, DataConfig in
+qspeech/data/config.py, TrainConfig in qspeech/train.py, TaskConfig and one class per task kind (ASRConfig in
+qspeech/tasks/asr.py), QuantConfig and one class per method in qspeech/quant/ (the pretrain / distill roots
+in qspeech/pretrain/config.py). This module adds the root RunConfig (conf/config.yaml) and registers them all
+in Hydra's ConfigStore: each conf/<group>/<option>.yaml starts with `defaults: [_schema, _self_]` (a group of
+one dataclass) or `[_schema_<kind>, _self_]` (a class per quant method or task kind), conf/config.yaml with
+`_run_schema`, so that composing checks every key and type. `to_typed` then builds the dataclasses, whose
+__post_init__ check the values (RunConfig's the rules across groups). The CLI does both for every value of a
+sweep before any job starts; stages receive the typed objects and check nothing again.
+
+Defaults: a dataclass's defaults are the values of one YAML option, its own: the option named after its kind
+(task/asr, quant/<method>); TrainConfig's and DataConfig's are the default option's (train/cpu, data/mini);
+ModelConfig's are model/hubert's (HuBERT Base: its arch_cfg default stays empty, as composing merges an
+option's dict into it and cannot remove keys). RunConfig's are conf/config.yaml's. tests/test_configs.py
+checks it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, open_dict
 
-from qspeech.errors import ConfigError
+import qspeech.quant.methods  # noqa: F401 - registers the built-in methods, whose schemas are stored below
+from qspeech.checks import instantiate, integer, need, number
+from qspeech.data.config import DataConfig
+from qspeech.quant.config import QuantConfig, check_bits
+from qspeech.quant.registry import quant_schemas
+from qspeech.tasks import TaskConfig, task_schemas
+from qspeech.train import TrainConfig
+from qspeech.upstream.config import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "quant", "task", "data", "train", "experiment")
 BITS = (1, 2, 3, 4, 8, 16, 32)
-ARCHS = ("hubert", "wav2vec2", "distiller", "wavlm")
+
+__all__ = ["BITS", "CONF_DIR", "GROUPS", "BenchConfig", "CostConfig", "RunConfig", "group_options", "output_dir",
+           "register_schema", "to_typed"]
 
 
 @dataclass
-class ModelConfig:
-    name: str
-    arch: str
-    url: str | None = None
-    ckpt: str | None = None
-    init: str = "pretrained"
-    trust_checkpoint: bool = False
-    asset: str | None = None
-    arch_cfg: dict[str, Any] = field(default_factory=dict)
+class CostConfig:
+    # Reference input length for MAC counts (the paper's runtime estimate is relative, so any length works).
+    seconds: float = 10.0
+
+    def __post_init__(self):
+        number(self, "seconds", 0, lo_open=True)
 
 
-def plain(cfg) -> dict:
-    """A config node (DictConfig, mapping or None) as a plain dict, interpolations resolved."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg or {})
+@dataclass
+class BenchConfig:
+    """`qspeech bench`: measured latency of the upstream forward (batch x seconds of audio)."""
+
+    seconds: float = 10.0
+    batch: int = 1
+    threads: int | None = None  # null: torch's default; recorded in bench.json
+    repeats: int = 5
+    warmup: int = 1
+    # null: the run's bits, or 8, 4, 2 and 1 when bits=32; one bit width or a list (bench.bits=[4,2]).
+    bits: Any = None
+    variants: list[str] | None = None  # null: all
+    onnx: bool = True  # also time onnxruntime fp32 / MatMulNBits
+    cnn_int8: bool = True  # also an int8 variant with the CNN front end in int8
+
+    def __post_init__(self):
+        number(self, "seconds", 0, lo_open=True)
+        integer(self, "batch", 1)
+        integer(self, "threads", 1, optional=True)
+        integer(self, "repeats", 1)
+        integer(self, "warmup", 0)
+        bits = [self.bits] if isinstance(self.bits, int) and not isinstance(self.bits, bool) else self.bits
+        need(bits is None or (isinstance(bits, list) and all(b in BITS[:-1] and not isinstance(b, bool)
+                                                             for b in bits)),
+             "bits", self.bits, f"must be null, or bit widths (a list) among {', '.join(map(str, BITS[:-1]))}")
+        self.bits = bits
 
 
-def check_keys(schema, d: dict, group: str) -> None:
-    """ConfigError (one line) naming the keys of `d` that the dataclass `schema` does not have."""
-    names = {f.name for f in fields(schema)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{group}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+@dataclass
+class RunConfig:
+    """conf/config.yaml: `qspeech run | cost | export | bench | data`."""
+
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = MISSING
+    task: TaskConfig = MISSING
+    # Weight bits of the quantized modules (32 = full precision, no quantization).
+    bits: int = 32
+    seed: int = 0
+    # Set by the CLI (run | cost | data | ...); names the output folder.
+    command: str = "run"
+    # Caches shared between runs: the synthesized corpus, upstream features, distilled quantized upstreams.
+    cache_dir: str = MISSING
+    cost: CostConfig = field(default_factory=CostConfig)
+    export: bool = True  # write the bit-packed upstream (safetensors) at the end of a run
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self):
+        need(self.bits in BITS and not isinstance(self.bits, bool), "bits", self.bits,
+             f"is not supported; choose one of {', '.join(map(str, BITS))} (32 = full precision)")
+        integer(self, "seed", 0)
+        check_bits(self.quant.method, self.bits)  # what the method implements
+
+
+def register_schema(name: str, node: type, group: str | None = None) -> None:
+    ConfigStore.instance().store(name=name, node=node, group=group)
+
+
+def _register() -> None:
+    register_schema("_run_schema", RunConfig)
+    register_schema("_schema", ModelConfig, "model")
+    register_schema("_schema", TrainConfig, "train")
+    register_schema("_schema", DataConfig, "data")
+    for group, schemas in (("quant", quant_schemas()), ("task", task_schemas())):
+        for kind, schema in schemas.items():
+            register_schema(f"_schema_{kind}", schema, group)
+
+
+def to_typed(cfg: DictConfig) -> Any:
+    """The composed config (conf/config.yaml: a RunConfig; pretrain.yaml, distill.yaml: see
+    qspeech.pretrain.config) as dataclasses, every value checked; ConfigError naming the key otherwise."""
+    if "hydra" in cfg:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra")
+    return instantiate(cfg)
 
 
 def output_dir(run_dir=None, default=".") -> Path:
@@ -67,47 +150,4 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _check_schema(schema, node, group: str) -> None:
-    try:
-        OmegaConf.merge(OmegaConf.structured(schema), node)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{group}{'.' + str(key) if key else ''}: {msg}") from None
-
-
-def validate_bits(bits: Any) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ConfigError(
-            f"bits={bits} is not supported; choose one of {', '.join(map(str, BITS))} (32 = full precision)"
-        )
-    return bits
-
-
-def validate(cfg: DictConfig, stages: tuple[str, ...] = ("model", "quant", "task", "data", "train")) -> None:
-    """Raise ConfigError (one line) for the first invalid value; `stages` limits what a command needs."""
-    bits = validate_bits(cfg.get("bits"))
-    if "model" in stages:
-        _check_schema(ModelConfig, cfg.model, "model")
-        if cfg.model.arch not in ARCHS:
-            raise ConfigError(f"model.arch={cfg.model.arch} is unknown; choose one of {', '.join(ARCHS)}")
-        if cfg.model.init not in ("pretrained", "random"):
-            raise ConfigError(f"model.init={cfg.model.init}: choose pretrained or random")
-    if float(cfg.get("cost", {}).get("seconds", 10.0)) <= 0:
-        raise ConfigError(f"cost.seconds={cfg.cost.seconds} must be > 0")
-    if "quant" in stages:
-        from qspeech.quant import validate_quant_config
-
-        validate_quant_config(cfg.quant, bits)
-    if "data" in stages:
-        from qspeech.data import validate_data_config
-
-        validate_data_config(cfg.data, check_paths=False)  # paths are checked when data is loaded
-    if "task" in stages:
-        from qspeech.tasks import validate_task_config
-
-        validate_task_config(cfg.task)
-    if "train" in stages:
-        from qspeech.tasks import validate_train_config
-
-        validate_train_config(cfg.train)
+_register()

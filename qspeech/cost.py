@@ -13,12 +13,14 @@ MACs are counted on the real modules during one forward pass of `seconds` of aud
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qspeech.quant.targets import candidate_modules, is_excluded_from_accounting
+from qspeech.quant import as_quant_config, overhead_values
+from qspeech.quant.targets import candidate_modules, is_excluded_from_accounting, select_targets
+from qspeech.records import Record, renamed
 
 BASELINE_BITS = 16  # storage of every non-quantized parameter and of scales
 REFERENCE_BITS = 32  # runtime reference
@@ -27,7 +29,7 @@ OverheadFn = Callable[[tuple, int], int]  # (weight shape, bits) -> number of 16
 
 
 @dataclass
-class ModuleCost:
+class ModuleCost(Record):
     name: str
     kind: str
     params: int
@@ -40,21 +42,21 @@ class ModuleCost:
     def quantized(self) -> bool:
         return self.bits < REFERENCE_BITS
 
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"quantized": self.quantized}  # for readers of cost.json; derived on load
+
 
 @dataclass
-class CostReport:
-    rows: list[ModuleCost]
+class CostReport(Record):
+    """The accounting of one model (cost.json holds it, under "modules" the per-module rows)."""
+
     params: int
     quantized_params: int
     macs: int
     storage_mb: float
     est_runtime: float
     seconds: float
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "rows"}
-        d["modules"] = [asdict(r) | {"quantized": r.quantized} for r in self.rows]
-        return d
+    rows: list[ModuleCost] = renamed("modules")
 
 
 def _mha_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -72,42 +74,10 @@ def count_macs(upstream, seconds: float) -> dict[str, tuple[str, int]]:
     matmuls (QK^T, AV) get a row of kind 'attention'. Checked against torch's FlopCounterMode in tests.
     """
     model = upstream.model
+    mha = _mha_modules(model)
     macs: dict[str, int] = {}
     attn_inputs: dict[str, tuple[int, int, int]] = {}
-    handles = []
-
-    def linear_hook(name):
-        def hook(mod, inp, out):
-            macs[name] = macs.get(name, 0) + out.numel() * mod.in_features
-        return hook
-
-    def conv_hook(name):
-        def hook(mod, inp, out):
-            per_out = (mod.in_channels // mod.groups) * mod.kernel_size[0]
-            macs[name] = macs.get(name, 0) + out.numel() * per_out
-        return hook
-
-    def attn_hook(name):
-        def hook(mod, args, kwargs):
-            q = args[0] if args else kwargs["query"]
-            attn_inputs[name] = tuple(q.shape)  # (T, B, E)
-        return hook
-
-    def split_linear_hook(name):  # DistilHuBERT's prediction heads: a batched matmul, not nn.Linear
-        def hook(mod, inp, out):
-            macs[name] = macs.get(name, 0) + out.numel() * mod.in_dim
-        return hook
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            handles.append(mod.register_forward_hook(linear_hook(name)))
-        elif type(mod).__name__ == "SplitLinear" and hasattr(mod, "weight"):
-            handles.append(mod.register_forward_hook(split_linear_hook(name)))
-        elif isinstance(mod, nn.Conv1d):
-            handles.append(mod.register_forward_hook(conv_hook(name)))
-    mha = _mha_modules(model)
-    for name, mod in mha.items():
-        handles.append(mod.register_forward_pre_hook(attn_hook(name), with_kwargs=True))
+    handles = _mac_hooks(model, mha, macs, attn_inputs)
     try:
         n = int(round(seconds * 16_000))
         was_training = upstream.training
@@ -117,7 +87,44 @@ def count_macs(upstream, seconds: float) -> dict[str, tuple[str, int]]:
     finally:
         for h in handles:
             h.remove()
+    return _mac_table(model, mha, macs, attn_inputs)
 
+
+def _mac_hooks(model: nn.Module, mha: dict[str, nn.Module], macs: dict[str, int],
+               attn_inputs: dict[str, tuple[int, int, int]]) -> list:
+    """Hooks that add each module's MACs (outputs x inputs per output) to `macs` and record the input shape
+    of each attention module in `attn_inputs`. Returns their handles."""
+
+    def add(name: str, per_output: Callable[[nn.Module], int]):
+        def hook(mod, inp, out):
+            macs[name] = macs.get(name, 0) + out.numel() * per_output(mod)
+        return hook
+
+    def attn(name: str):
+        def hook(mod, args, kwargs):
+            q = args[0] if args else kwargs["query"]
+            attn_inputs[name] = tuple(q.shape)  # (T, B, E)
+        return hook
+
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_hook(add(name, lambda m: m.in_features)))
+        elif type(mod).__name__ == "SplitLinear" and hasattr(mod, "weight"):
+            # DistilHuBERT's prediction heads: a batched matmul, not nn.Linear
+            handles.append(mod.register_forward_hook(add(name, lambda m: m.in_dim)))
+        elif isinstance(mod, nn.Conv1d):
+            handles.append(mod.register_forward_hook(
+                add(name, lambda m: (m.in_channels // m.groups) * m.kernel_size[0])))
+    for name, mod in mha.items():
+        handles.append(mod.register_forward_pre_hook(attn(name), with_kwargs=True))
+    return handles
+
+
+def _mac_table(model: nn.Module, mha: dict[str, nn.Module], macs: dict[str, int],
+               attn_inputs: dict[str, tuple[int, int, int]]) -> dict[str, tuple[str, int]]:
+    """The hooks' counts plus what they cannot see (projections attention ran without calling the module,
+    the attention matmuls), each with its kind; pretraining-only modules left out."""
     out: dict[str, tuple[str, int]] = {}
     kinds = {name: kind for name, (kind, _) in candidate_modules(model).items()}
     for name, (T, B, E) in attn_inputs.items():
@@ -190,6 +197,14 @@ def account(
         est_runtime=weighted / total_macs if total_macs else 1.0,
         seconds=seconds,
     )
+
+
+def account_quantized(upstream, quant_cfg, bits: int, seconds: float = 10.0) -> CostReport:
+    """Cost of `upstream` as quantize_(upstream.model, quant_cfg, bits) quantizes it: the same module
+    selection (select_targets) and the method's scale values per weight tensor."""
+    q = as_quant_config(quant_cfg)
+    chosen = select_targets(upstream.model, int(bits), q.targets, q.exclude, q.overrides)
+    return account(upstream, chosen, lambda shape, b: overhead_values(q, shape, b), float(seconds))
 
 
 def _named_params(model: nn.Module):

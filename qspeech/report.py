@@ -9,7 +9,7 @@ import pandas as pd
 
 from qspeech import paper
 from qspeech.atomic import write_text_atomic
-from qspeech.results import COST_FILE, collect
+from qspeech.results import COST_FILE, RunResult, collect, load_results
 
 BENCH_FILE = "bench.json"
 VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits_3bit", 2: "nbits_2bit",
@@ -27,45 +27,45 @@ DISTIL_OF = {"tiny_hubert": "tiny_distilhubert", "tiny_distilhubert": "tiny_dist
 TEACHER_OF = {"tiny_hubert": "tiny_hubert", "tiny_distilhubert": "tiny_hubert", "distilhubert": "hubert"}
 
 
-def _quant_label(r: dict) -> str:
-    if int(r.get("bits", 32)) >= 32:
+def _quant_label(r: RunResult) -> str:
+    if r.bits >= 32:
         return "fp"
-    label = str(r.get("quant", "?"))
-    targets = r.get("targets") or ["linear"]
+    label = r.quant or "?"
+    targets = r.targets or ["linear"]
     if list(targets) != ["linear"]:
         label += "[" + "+".join(targets) + "]"
     return label
 
 
-def _row(r: dict) -> dict:
-    metrics = r.get("metrics") or {}
+def _row(r: RunResult) -> dict:
+    m = r.metrics
     return {
-        "model": r["model"],
-        "init": r.get("init", "pretrained"),
+        "model": r.model,
+        "init": r.init,
         "quant": _quant_label(r),
-        "bits": int(r["bits"]),
-        "task": r["task"],
-        "data": r.get("data", ""),
+        "bits": r.bits,
+        "task": r.task,
+        "data": r.data,
         "source": "qspeech",
-        "status": r["status"],
-        "metric": r.get("metric"),
-        "value": r.get("value"),
-        "dev_value": metrics.get("dev_wer"),
-        "cer": metrics.get("cer"),
-        "storage_mb": r.get("storage_mb"),
-        "packed_mb": r.get("packed_mb"),
-        "est_runtime": r.get("est_runtime"),
-        "measured_speedup": r.get("measured_speedup"),
-        "params": r.get("params"),
-        "quantized_params": r.get("quantized_params"),
-        "macs": r.get("macs"),
-        "error": r.get("error"),
-        "run_dir": r.get("run_dir"),
-        "_finished": r.get("finished") or "",
+        "status": r.status,
+        "metric": r.metric,
+        "value": r.value,
+        "dev_value": m and m.dev_value,
+        "cer": m and m.cer,
+        "storage_mb": r.storage_mb,
+        "packed_mb": r.packed_mb,
+        "est_runtime": r.est_runtime,
+        "measured_speedup": None,  # from `qspeech bench` runs: add_measured_speed
+        "params": r.params,
+        "quantized_params": r.quantized_params,
+        "macs": r.macs,
+        "error": r.error,
+        "run_dir": r.run_dir,
+        "_finished": r.finished or "",
     }
 
 
-def build_table(results: list[dict]) -> pd.DataFrame:
+def build_table(results: list[RunResult]) -> pd.DataFrame:
     """One row per (model, init, quant, bits, task, data): the latest successful run, else the latest
     failure (a failed run is shown as failed, never dropped); then the paper's rows."""
     ours = pd.DataFrame([_row(r) for r in results], columns=COLUMNS + ["_finished"])
@@ -246,7 +246,7 @@ def make_report(outputs: str | Path = "outputs") -> dict:
     from tabulate import tabulate
 
     outputs = Path(outputs)
-    results, problems = collect(outputs)
+    results, problems = load_results(outputs)
     costs, _ = collect(outputs, COST_FILE, frozenset({"model", "bits", "storage_mb", "est_runtime"}))
     benches, _ = collect(outputs, BENCH_FILE, frozenset({"model", "variants"}))
     table = add_measured_speed(build_table(results), benches)

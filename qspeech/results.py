@@ -1,14 +1,75 @@
-"""result.json: one file per run, written atomically; collecting them for the report."""
+"""result.json: one typed record per run, written atomically; collecting them for the report."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from qspeech.atomic import write_json_atomic  # noqa: F401  (results files are written atomically)
+from qspeech.cost import CostReport
+from qspeech.records import Record, optional, transient
+from qspeech.tasks.metrics import TaskMetrics
 
 RESULT_FILE = "result.json"
+FAILURE_FILE = "result.last_failure.json"  # a failed rerun's record, beside an earlier successful one
+
+
+@dataclass(kw_only=True)
+class RunResult(Record):
+    """result.json. The fields of stages that did not run (accounting, task, export) and `error` are left
+    out of the file; the others are always written. Field order is the file's key order."""
+
+    model: str
+    init: str = "pretrained"
+    quant: str | None = None
+    targets: list[str] | None = None
+    bits: int
+    task: str
+    data: str = ""
+    status: str  # running | ok | failed
+    git_commit: str | None = None  # the qspeech checkout's commit, -dirty with local changes
+    started: str | None = None  # ISO 8601, UTC
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config
+    # accounting (see qspeech.cost)
+    params: int | None = optional()
+    quantized_params: int | None = optional()
+    macs: int | None = optional()
+    storage_mb: float | None = optional()
+    est_runtime: float | None = optional()
+    # the downstream task
+    metric: str | None = optional()
+    value: float | None = optional()
+    metrics: TaskMetrics | None = optional()
+    # export=true
+    packed_path: str | None = optional()
+    packed_mb: float | None = optional()
+    error: str | None = optional()
+    finished: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, rounded to ms
+    run_dir: str | None = transient()  # where the reader found the file
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def add_cost(self, cost: CostReport) -> None:
+        self.params, self.quantized_params, self.macs = cost.params, cost.quantized_params, cost.macs
+        self.storage_mb, self.est_runtime = round(cost.storage_mb, 4), round(cost.est_runtime, 4)
+
+    def add_metrics(self, metrics: TaskMetrics) -> None:
+        self.metric, self.value, self.metrics = metrics.metric, metrics.value, metrics
+
+    def add_packed(self, path: Path) -> None:
+        self.packed_path, self.packed_mb = str(path), round(Path(path).stat().st_size / 1e6, 4)
+
+    def fail(self, error: str) -> None:
+        self.status, self.error = "failed", error
+
+    def finish(self, finished: str, timings: dict[str, float]) -> None:
+        self.finished, self.timings = finished, {k: round(v, 3) for k, v in timings.items()}
 
 
 def git_commit() -> str | None:
@@ -31,17 +92,32 @@ COST_FILE = "cost.json"
 
 def collect(root: str | Path, name: str = RESULT_FILE,
             required: frozenset = frozenset({"model", "bits", "task", "status"})) -> tuple[list[dict], list[str]]:
-    """Every `name` file under root: (results, problems). Unreadable files are reported, not fatal."""
-    results, problems = [], []
+    """Every `name` file under root as a dict with `run_dir` and `_mtime` (the latest of several files of one
+    kind wins): (dicts, problems). Unreadable files are reported, not fatal."""
+
+    def check(data) -> dict:
+        if not isinstance(data, dict) or not required <= data.keys():
+            raise ValueError(f"missing {'/'.join(sorted(required))}")
+        return data
+
+    found, problems = _read_all(root, name, check)
+    return [d | {"run_dir": str(path.parent), "_mtime": path.stat().st_mtime} for path, d in found], problems
+
+
+def load_results(root: str | Path) -> tuple[list[RunResult], list[str]]:
+    """Every result.json under root as a RunResult: (results, problems). Unreadable or incomplete files are
+    reported, not fatal."""
+    found, problems = _read_all(root, RESULT_FILE, RunResult.from_dict)
+    for path, result in found:
+        result.run_dir = str(path.parent)
+    return [r for _, r in found], problems
+
+
+def _read_all(root: str | Path, name: str, parse: Callable[[Any], Any]) -> tuple[list[tuple[Path, Any]], list[str]]:
+    found, problems = [], []
     for path in sorted(Path(root).rglob(name)):
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or not required <= data.keys():
-                raise ValueError(f"missing {'/'.join(sorted(required))}")
+            found.append((path, parse(json.loads(path.read_text()))))
         except (OSError, ValueError) as e:
             problems.append(f"{path}: unreadable result ({str(e).splitlines()[0][:100]}); skipped")
-            continue
-        data["run_dir"] = str(path.parent)
-        data["_mtime"] = path.stat().st_mtime  # the latest of several files of one kind wins
-        results.append(data)
-    return results, problems
+    return found, problems

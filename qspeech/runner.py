@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -11,9 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from qspeech.config import validate
+from qspeech.config import RunConfig
 from qspeech.errors import QSpeechError
-from qspeech.results import COST_FILE, RESULT_FILE, git_commit, write_json_atomic
+from qspeech.results import COST_FILE, FAILURE_FILE, RESULT_FILE, RunResult, git_commit, write_json_atomic
 from qspeech.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -32,18 +33,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def compute_cost(cfg: DictConfig, upstream) -> "CostReport":  # noqa: F821
+def compute_cost(cfg: RunConfig, upstream) -> "CostReport":  # noqa: F821
     """Accounting of `upstream` as `cfg.quant` will quantize it (same module selection as the quantizer)."""
-    from qspeech.cost import account
-    from qspeech.quant import overhead_values
-    from qspeech.quant.targets import select_targets
+    from qspeech.cost import account_quantized
 
-    q = cfg.quant
-    chosen = select_targets(upstream.model, int(cfg.bits), q.targets, q.get("exclude", []), q.get("overrides", {}))
-    return account(upstream, chosen, lambda shape, b: overhead_values(q, shape, b), float(cfg.cost.seconds))
+    return account_quantized(upstream, cfg.quant, int(cfg.bits), float(cfg.cost.seconds))
 
 
-def write_cost(cfg: DictConfig, cost, run_dir: Path) -> dict:
+def write_cost(cfg: RunConfig, cost, run_dir: Path) -> dict:
     """cost.json of a run folder: the accounting and what it describes."""
     out = cost.to_dict() | {"model": cfg.model.name, "quant": cfg.quant.method, "targets": list(cfg.quant.targets),
                             "bits": int(cfg.bits)}
@@ -51,25 +48,26 @@ def write_cost(cfg: DictConfig, cost, run_dir: Path) -> dict:
     return out
 
 
-def base_result(cfg: DictConfig) -> dict:
-    return {
-        "model": cfg.model.name,
-        "init": cfg.model.init,
-        "quant": cfg.quant.method,
-        "targets": list(cfg.quant.targets),
-        "bits": int(cfg.bits),
-        "task": cfg.task.name,
-        "data": cfg.data.name,
-        "status": "running",
-        "git_commit": git_commit(),
-        "started": _now(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+def base_result(cfg: RunConfig) -> RunResult:
+    """The record of an experiment that has just started: what it is, and where it runs from."""
+    return RunResult(
+        model=cfg.model.name,
+        init=cfg.model.init,
+        quant=cfg.quant.method,
+        targets=list(cfg.quant.targets),
+        bits=int(cfg.bits),
+        task=cfg.task.name,
+        data=cfg.data.name,
+        status="running",
+        git_commit=git_commit(),
+        started=_now(),
+        config=dataclasses.asdict(cfg),
+    )
 
 
-def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
-    """Run one experiment; result.json is written (atomically) whatever happens after validation."""
-    validate(cfg)
+def run(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
+    """Run one experiment (cfg: checked by qspeech.config.to_typed); result.json is written (atomically)
+    whatever happens."""
     from qspeech.upstream import build_upstream, fingerprint
 
     run_dir = Path(run_dir)
@@ -85,13 +83,14 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
 
         cost = compute_cost(cfg, upstream)
         write_cost(cfg, cost, run_dir)
-        result.update(params=cost.params, quantized_params=cost.quantized_params, macs=cost.macs,
-                      storage_mb=round(cost.storage_mb, 4), est_runtime=round(cost.est_runtime, 4))
+        result.add_cost(cost)
+
+        from qspeech.qat import quantize_upstream
 
         t = time.perf_counter()
         upstream = quantize_upstream(cfg, upstream, run_dir, progress)
         # Evaluate exactly what the packed file stores: fp16 scales and fp16 non-quantized tensors.
-        from qspeech.quant.export import round_to_storage_
+        from qspeech.quant import round_to_storage_
 
         round_to_storage_(upstream)
         timings["quantize_s"] = time.perf_counter() - t
@@ -99,55 +98,41 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict:
         from qspeech.tasks import run_task
 
         t = time.perf_counter()
-        key = fingerprint(upstream, extra=json.dumps(OmegaConf.to_container(cfg.quant, resolve=True), sort_keys=True)
+        key = fingerprint(upstream, extra=json.dumps(dataclasses.asdict(cfg.quant), sort_keys=True)
                           + f"|bits={cfg.bits}")
         metrics = run_task(cfg, upstream, run_dir, key, progress=progress)
         timings["task_s"] = time.perf_counter() - t
-        result.update(metric=metrics.get("metric"), value=metrics.get("value"), metrics=metrics)
+        result.add_metrics(metrics)
 
-        if cfg.get("export", False):
-            result.update(_export(cfg, upstream, run_dir))
-        result["status"] = "ok"
+        if cfg.export:
+            result.add_packed(_export(cfg, upstream, run_dir))
+        result.status = "ok"
     except QSpeechError as e:
-        result.update(status="failed", error=str(e))
+        result.fail(str(e))
         raise
     except BaseException as e:  # KeyboardInterrupt included: the result says the run did not finish
-        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+        result.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
         timings["wall_s"] = time.perf_counter() - t_start
-        result.update(finished=_now(), timings={k: round(v, 3) for k, v in timings.items()})
-        write_json_atomic(_result_path(run_dir, result), result)
+        result.finish(_now(), timings)
+        write_json_atomic(_result_path(run_dir, result.status), result.to_dict())
     return result
 
 
-def _result_path(run_dir: Path, result: dict) -> Path:
+def _result_path(run_dir: Path, status: str) -> Path:
     """A failed rerun never replaces an earlier successful result of the same experiment."""
     path = run_dir / RESULT_FILE
-    if result["status"] != "ok" and path.is_file():
+    if status != "ok" and path.is_file():
         try:
             if json.loads(path.read_text()).get("status") == "ok":
-                return run_dir / "result.last_failure.json"
-        except (OSError, ValueError):
+                return run_dir / FAILURE_FILE
+        except (OSError, ValueError, AttributeError):  # AttributeError: a file that holds no JSON object
             pass
     return path
 
 
-def quantize_upstream(cfg: DictConfig, upstream, run_dir: Path, progress: bool = True):
-    """The upstream quantized as cfg.quant / cfg.bits say (QAT methods distil on the data's train audio)."""
-    from qspeech.quant import prepare_quantized_upstream
+def _export(cfg: RunConfig, upstream, run_dir: Path) -> Path:
+    from qspeech.export import export_packed
 
-    audio = None
-    if int(cfg.bits) < 32 and cfg.quant.method in ("lsq", "bit"):  # QAT distils on the task's unlabeled audio
-        from qspeech.data import load_split
-
-        audio = [u.path for u in load_split(cfg.data, "train", cfg.cache_dir)]
-    return prepare_quantized_upstream(upstream, cfg.quant, int(cfg.bits), audio, cfg.cache_dir,
-                                      run_dir=run_dir, progress=progress)
-
-
-def _export(cfg: DictConfig, upstream, run_dir: Path) -> dict:
-    from qspeech.quant.export import export_packed
-
-    path = export_packed(upstream, cfg.quant, int(cfg.bits), run_dir / "upstream.packed.safetensors")
-    return {"packed_path": str(path), "packed_mb": round(path.stat().st_size / 1e6, 4)}
+    return export_packed(upstream, cfg.quant, int(cfg.bits), run_dir / "upstream.packed.safetensors")

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,10 +22,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def model_cfg(name: str, **overrides):
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
-    for k, v in overrides.items():
-        cfg[k] = v
-    return cfg
+    """conf/model/<name>.yaml as the typed ModelConfig, with `overrides` replacing fields."""
+    from qspeech.checks import typed
+    from qspeech.upstream.config import ModelConfig
+
+    cfg = typed(ModelConfig, OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), "model")
+    return dataclasses.replace(cfg, **overrides)
 
 
 def random_upstream(name: str = "tiny_hubert", seed: int = 0):

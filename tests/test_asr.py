@@ -8,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from qspeech.errors import ConfigError
-from qspeech.tasks import validate_task_config, validate_train_config
+from qspeech.checks import typed
+from qspeech.train import TrainConfig
 from qspeech.tasks.asr import ASRConfig, ASRHead, Featurizer, SpecAugment, SpecAugConfig
 from qspeech.tasks.ctc import greedy_collapse, greedy_decode
 from qspeech.tasks.metrics import cer, wer
@@ -91,36 +92,42 @@ def test_head_shapes_and_superb_size():
     out, lens = head2(torch.randn(2, 11, 3, 12), torch.tensor([11, 6]))
     assert out.shape == (2, 5, 29) and lens.tolist() == [5, 3]
     # the faithful head on a 768-d upstream (reference: 42.83 M with s3prl's 32-symbol dictionary)
-    n = sum(p.numel() for p in ASRHead(13, 768, 29, validate_task_config(OmegaConf.load(ROOT / "conf/task/asr.yaml"))).parameters())
+    n = sum(p.numel() for p in ASRHead(13, 768, 29, _task("asr")).parameters())
     assert 42.80e6 < n < 42.84e6
+
+
+def _task(name: str, **changes) -> ASRConfig:
+    """conf/task/<name>.yaml (with `changes` merged in) as the typed, checked ASRConfig."""
+    return typed(ASRConfig, OmegaConf.merge(OmegaConf.load(ROOT / f"conf/task/{name}.yaml"), changes), "task")
+
+
+def _train(name: str, **changes) -> TrainConfig:
+    return typed(TrainConfig, OmegaConf.merge(OmegaConf.load(ROOT / f"conf/train/{name}.yaml"), changes), "train")
 
 
 def test_shipped_configs_validate():
     for t in ("asr", "asr_small"):
-        c = validate_task_config(OmegaConf.load(ROOT / f"conf/task/{t}.yaml"))
+        c = _task(t)
         assert c.kind == "asr"
-    sup = validate_train_config(OmegaConf.load(ROOT / "conf/train/superb.yaml"))
+    sup = _train("superb")
     assert (sup.max_steps, sup.batch_size, sup.eval_every, sup.grad_clip) == (200000, 32, 2000, 1.0)
-    assert validate_train_config(OmegaConf.load(ROOT / "conf/train/cpu.yaml")).name == "cpu"
-    asr = validate_task_config(OmegaConf.load(ROOT / "conf/task/asr.yaml"))
+    assert _train("cpu").name == "cpu"
+    asr = _task("asr")
     assert (asr.lr, asr.project_dim, asr.hidden_size, asr.num_layers, asr.dropout) == (1e-4, 1024, 1024, 2, 0.2)
 
 
 @pytest.mark.parametrize("bad", [{"lr": 0}, {"num_layers": 0}, {"dropout": 1.5}, {"nope": 1}, {"kind": "sid"},
                                  {"specaug": {"freq_mask_width": [5, 1]}}])
 def test_bad_task_config_raises(bad):
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/task/asr_small.yaml"))
-    base.pop("defaults", None)
     with pytest.raises(ConfigError):
-        validate_task_config(OmegaConf.merge(base, bad))
+        _task("asr_small", **bad)
 
 
 @pytest.mark.parametrize("bad", [{"max_steps": 0}, {"device": "tpu"}, {"cache_features": "maybe"},
                                  {"batch_size": 2.5}, {"bogus": True}])
 def test_bad_train_config_raises(bad):
-    base = OmegaConf.load(ROOT / "conf/train/cpu.yaml")
     with pytest.raises(ConfigError):
-        validate_train_config(OmegaConf.merge(base, bad))
+        _train("cpu", **bad)
 
 
 def test_overfits_a_handful_of_utterances(tmp_path, monkeypatch):
@@ -137,7 +144,7 @@ def test_overfits_a_handful_of_utterances(tmp_path, monkeypatch):
                                 "task.project_dim": 128, "task.hidden_size": 128, "task.num_layers": 1,
                                 "train.max_steps": 200, "train.batch_size": 6, "train.eval_every": 20,
                                 "train.lr_schedule": "constant", "train.num_threads": 1})
-    m = run_task(cfg, tiny_upstream(), tmp_path / "run", "up0", progress=False)
+    m = run_task(cfg, tiny_upstream(), tmp_path / "run", "up0", progress=False).to_dict()
     assert m["value"] <= 5.0 and m["dev_wer"] <= 5.0 and m["cer"] <= 2.0
     assert m["n_train"] == 6 and m["feature_cache"] == "miss" and m["steps"] == 200
     assert len(m["layer_weights"]) == 7 and abs(sum(m["layer_weights"]) - 1) < 1e-4
@@ -161,7 +168,7 @@ def test_run_without_cache_runs_upstream_and_skips_unreadable(tmp_path, monkeypa
     cfg = make_cfg(tmp_path, **{"train.cache_features": False, "train.max_steps": 3, "train.batch_size": 2,
                                 "train.eval_every": 3, "task.project_dim": 16, "task.hidden_size": 16})
     with caplog.at_level(logging.WARNING, logger="qspeech.tasks.asr"):
-        m = run_task(cfg, tiny_upstream(), tmp_path / "run", "up0", progress=False)
+        m = run_task(cfg, tiny_upstream(), tmp_path / "run", "up0", progress=False).to_dict()
     assert m["feature_cache"] == "off" and m["steps"] == 3 and m["upstream_utts_per_s"] > 0
     assert m["skipped_audio"] == 1 and m["n_train"] == 3 and "train_1.wav" in caplog.text
     assert not (tmp_path / "cache" / "features").exists()

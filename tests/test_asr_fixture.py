@@ -74,26 +74,27 @@ def fake_data_api(corpus: dict[str, list[Utt]]):
 def tiny_upstream(seed: int = 0):
     from qspeech.upstream import build_upstream
 
-    cfg = OmegaConf.load(ROOT / "conf/model/tiny_hubert.yaml")
-    cfg.init = "random"
+    from conftest import model_cfg
+
     torch.manual_seed(seed)
-    return build_upstream(cfg)
+    return build_upstream(model_cfg("tiny_hubert", init="random"))
 
 
-def make_cfg(tmp_path: Path, task: str = "asr_small", **train) -> "OmegaConf":
-    cfg = OmegaConf.create({
-        "task": OmegaConf.load(ROOT / f"conf/task/{task}.yaml"),
-        "train": OmegaConf.load(ROOT / "conf/train/cpu.yaml"),
-        "data": {"name": "fixture", "kind": "fixture"},
-        "seed": 0,
-        "cache_dir": str(tmp_path / "cache"),
-    })
-    cfg.task.pop("defaults", None)
-    cfg.train.pop("defaults", None)
+def make_cfg(tmp_path: Path, task: str = "asr_small", **train) -> types.SimpleNamespace:
+    """What run_task reads of a run config: typed task and train (conf/task/<task>.yaml, conf/train/cpu.yaml
+    with `train` overrides such as {"train.max_steps": 3}), the fixture data, seed and cache folder."""
+    from qspeech.checks import typed
+    from qspeech.tasks.asr import ASRConfig
+    from qspeech.train import TrainConfig
+
+    cfg = OmegaConf.create({"task": OmegaConf.load(ROOT / f"conf/task/{task}.yaml"),
+                            "train": OmegaConf.load(ROOT / "conf/train/cpu.yaml")})
     cfg.train.num_threads = 1  # the CI machine has 2 cores; oversubscribed OpenMP threads crawl
     for k, v in train.items():
         OmegaConf.update(cfg, k, v, merge=False)
-    return cfg
+    return types.SimpleNamespace(task=typed(ASRConfig, cfg.task, "task"), train=typed(TrainConfig, cfg.train, "train"),
+                                 data=types.SimpleNamespace(name="fixture", kind="fixture"), seed=0,
+                                 cache_dir=str(tmp_path / "cache"))
 
 
 def test_fixture_reads_back(tmp_path):

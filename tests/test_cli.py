@@ -30,6 +30,15 @@ def test_run_help_and_cfg_job_are_hydra():
     assert "name: distilhubert" in proc.stdout and "bits: 4" in proc.stdout
 
 
+def test_hydra_flags_may_follow_the_overrides():
+    proc = run_cli("run", "experiment=smoke", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "max_steps: 6" in proc.stdout and "command: run" in proc.stdout
+    proc = run_cli("run", "bits=4", "--cfg", "job", "model=distilhubert")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: distilhubert" in proc.stdout and "bits: 4" in proc.stdout
+
+
 @pytest.mark.parametrize("args,needle", [
     (["bits=0"], "bits=0 is not supported"),
     (["bits=5"], "bits=5 is not supported"),
@@ -40,11 +49,36 @@ def test_run_help_and_cfg_job_are_hydra():
     (["quant=bit", "bits=4"], "bit"),
     (["quant=lsq", "bits=1"], "lsq"),
     (["quant.targets=[linear,nope]"], "nope"),
+    # wrong types and values name the key (the cases)
+    (["experiment=smoke", "seed=abc"], "seed=abc: must be an integer"),
+    (["train.max_steps=abc"], "train.max_steps=abc: must be an integer"),
+    (["train.max_steps=-1"], "train.max_steps=-1: must be an integer >= 1"),
+    (["train.batch_size=2.5"], "train.batch_size=2.5: must be an integer"),
+    (["quant.targets=linear"], "quant.targets=linear: must be a list, e.g. quant.targets=[linear]"),
+    (["train.nope=1"], "train.nope: unknown key"),
+    (["+train.nope=1"], "train.nope: unknown key"),
+    (["data.mini.n_train=-3"], "data.mini.n_train=-3"),
+    (["-m", "train.max_steps=5,-2"], "train.max_steps=-2"),
+    (["experiment=smoke", "--cfg", "job", "seed=abc"], "seed=abc"),
 ])
 def test_bad_values_one_line_exit_2(tmp_path, args, needle):
     line = _one_error_line(run_cli("run", *args, cwd=tmp_path))
     assert needle in line
-    assert not (tmp_path / "outputs" / "run").exists() or not list((tmp_path / "outputs").rglob("result.json"))
+    assert not (tmp_path / "outputs").exists()  # checked before Hydra makes a run folder
+
+
+@pytest.mark.parametrize("command,args,needle", [
+    ("pretrain", ["pretrain.iterations=[{targets: hidden, layer: 2, clusters: 10, steps: 5}]"],
+     "pretrain.iterations[0].targets=hidden"),
+    ("pretrain", ["pretrain.batch_size=0"], "pretrain.batch_size=0: must be an integer >= 1"),
+    ("distill", ["distill.optim.lr=abc"], "distill.optim.lr=abc: must be a number"),
+    ("distill", ["model=tiny_hubert"], "model.arch=hubert"),
+    ("cost", ["bench.repeats=0"], "bench.repeats=0"),
+])
+def test_other_commands_check_their_config(tmp_path, command, args, needle):
+    line = _one_error_line(run_cli(command, *args, cwd=tmp_path))
+    assert needle in line
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_cost_hubert_counts_and_writes_cost_json(tmp_path):

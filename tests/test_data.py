@@ -13,10 +13,9 @@ import soundfile as sf
 from omegaconf import OmegaConf
 
 from qspeech.data import (
-    DataWarning, Utterance, config_fingerprint, load_split, normalize_text, prepare, read_audio,
-    validate_data_config,
+    DataWarning, Utterance, check_data_paths, config_fingerprint, data_config, load_split, normalize_text, prepare,
+    read_audio,
 )
-from qspeech.data.config import as_data_config
 from qspeech.data.mini import mini_root
 from qspeech.errors import ConfigError, DataError
 
@@ -79,17 +78,17 @@ def test_read_audio_errors(tmp_path):
 
 def test_validate_data_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown data.kind"):
-        validate_data_config({"name": "x", "kind": "nope"})
+        data_config({"name": "x", "kind": "nope"})
     with pytest.raises(ConfigError, match="set data.root=/path/to/LibriSpeech"):
-        validate_data_config(OmegaConf.load(REPO / "conf/data/librispeech.yaml"))
+        check_data_paths(data_config(OmegaConf.load(REPO / "conf/data/librispeech.yaml")))
     with pytest.raises(ConfigError, match="manifest file not found"):
-        validate_data_config({"name": "m", "kind": "manifest", "manifest": str(tmp_path / "none.tsv")})
+        check_data_paths(data_config({"name": "m", "kind": "manifest", "manifest": str(tmp_path / "none.tsv")}))
     with pytest.raises(ConfigError, match=">= 0"):
-        validate_data_config({"name": "m", "kind": "mini", "max_utts": {"train": -1}})
+        data_config({"name": "m", "kind": "mini", "max_utts": {"train": -1}})
     with pytest.raises(ConfigError, match="data.mini.n_train"):
-        validate_data_config({"name": "m", "kind": "mini", "mini": {"n_train": -5}})
+        data_config({"name": "m", "kind": "mini", "mini": {"n_train": -5}})
     with pytest.raises(ConfigError, match="speakers"):
-        validate_data_config({"name": "m", "kind": "mini", "mini": {"train_speakers": 5000}})
+        data_config({"name": "m", "kind": "mini", "mini": {"train_speakers": 5000}})
     for name in ("mini", "manifest", "librispeech", "real_speech"):  # every yaml parses, has name and kind
         c = OmegaConf.load(REPO / f"conf/data/{name}.yaml")
         assert c.name == name and c.kind in ("mini", "manifest", "librispeech")
@@ -120,7 +119,7 @@ def test_manifest_bad_rows_skipped_with_one_warning(tmp_path):
     cfg = {"name": "t", "kind": "manifest", "manifest": str(tsv)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        utts = load_split(cfg, "test", tmp_path / "cache")
+        utts = load_split(data_config(cfg), "test", tmp_path / "cache")
     ours = [w for w in caught if issubclass(w.category, DataWarning)]
     assert len(ours) == 1
     msg = str(ours[0].message)
@@ -132,23 +131,24 @@ def test_manifest_bad_rows_skipped_with_one_warning(tmp_path):
     # cap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        capped = load_split({**cfg, "max_utts": {"test": 1}}, "test", tmp_path)
+        capped = load_split(data_config({**cfg, "max_utts": {"test": 1}}), "test", tmp_path)
     assert [u.utt_id for u in capped] in (["u1"], ["u2"])
     # nothing usable -> one-line DataError
     tsv2 = _write_manifest(tmp_path / "a", [("x", "missing.wav", 1, 16000, "s", "text")])
     with pytest.raises(DataError, match="no usable utterances") as e, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        load_split({"name": "t", "kind": "manifest", "manifest": str(tsv2)}, "dev", tmp_path)
+        load_split(data_config({"name": "t", "kind": "manifest", "manifest": str(tsv2)}), "dev", tmp_path)
     assert "\n" not in str(e.value)
     # fingerprints: stable, split- and content-dependent
-    assert config_fingerprint(cfg, "test") == config_fingerprint(dict(cfg), "test")
-    assert config_fingerprint(cfg, "test") != config_fingerprint(cfg, "dev")
+    assert config_fingerprint(data_config(cfg), "test") == config_fingerprint(data_config(dict(cfg)), "test")
+    assert config_fingerprint(data_config(cfg), "test") != config_fingerprint(data_config(cfg), "dev")
 
 
 @needs_real
 def test_manifest_real_speech():
     tsv = REAL / "pocketsphinx-librivox-cards" / "manifest.tsv"
-    utts = load_split({"name": "r", "kind": "manifest", "manifest": str(tsv)}, "test", "/nonexistent-cache")
+    cfg = data_config({"name": "r", "kind": "manifest", "manifest": str(tsv)})
+    utts = load_split(cfg, "test", "/nonexistent-cache")
     assert len(utts) == 10 and len({u.speaker for u in utts}) == 2
     assert all(set(u.text) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ") and u.text for u in utts)
     u = next(u for u in utts if u.utt_id.endswith("0880"))
@@ -160,8 +160,7 @@ def test_manifest_real_speech():
 @needs_real
 def test_real_speech_conf_resolves(monkeypatch):
     monkeypatch.chdir(REPO)
-    cfg = OmegaConf.load(REPO / "conf/data/real_speech.yaml")
-    validate_data_config(cfg)
+    cfg = check_data_paths(data_config(OmegaConf.load(REPO / "conf/data/real_speech.yaml")))
     with pytest.raises(DataError, match="no train split"):
         load_split(cfg, "train", "/nonexistent-cache")
 
@@ -182,6 +181,7 @@ def test_librispeech_layout(tmp_path):
         (d / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
     cfg = OmegaConf.load(REPO / "conf/data/librispeech.yaml")
     cfg.root = str(root)
+    cfg = data_config(cfg)
     dev = load_split(cfg, "dev", tmp_path / "cache")
     assert [u.utt_id for u in dev] == ["174-50561-0000", "84-121123-0000", "84-121123-0001"]
     assert dev[2].text == "WORDS OF UTTERANCE ONE" and dev[2].speaker == "84" and dev[2].duration_s == 0.75
@@ -199,7 +199,7 @@ def _tiny_mini():
     cfg = OmegaConf.load(REPO / "conf/data/mini.yaml")
     cfg.mini.update(n_train=8, n_dev=3, n_test=3, n_unlabeled=5, train_speakers=3, dev_speakers=2,
                     test_speakers=2, unlabeled_speakers=2, workers=1)
-    return cfg
+    return data_config(cfg)
 
 
 def _digest(utts):
@@ -208,7 +208,7 @@ def _digest(utts):
 
 def test_mini_tiny_deterministic_and_speaker_disjoint(tmp_path):
     cfg = _tiny_mini()
-    stale = mini_root(as_data_config(cfg), tmp_path / "c1") / ".tmp-train-1-1"  # an interrupted build
+    stale = mini_root(cfg, tmp_path / "c1") / ".tmp-train-1-1"  # an interrupted build
     stale.mkdir(parents=True)
     a = {s: load_split(cfg, s, tmp_path / "c1") for s in ("train", "dev", "test", "unlabeled")}
     assert [len(a[s]) for s in ("train", "dev", "test", "unlabeled")] == [8, 3, 3, 5]

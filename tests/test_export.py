@@ -6,19 +6,12 @@ import pytest
 import torch
 
 from conftest import random_upstream
-from qspeech.quant import QuantConfig, overhead_values, quantize_, quantized_modules
-from qspeech.quant.distill import clone_upstream
-from qspeech.quant.export import (
-    FORMAT,
-    export_packed,
-    is_storage_exact,
-    load_packed,
-    pack_codes,
-    packed_nbytes,
-    read_packed,
-    round_to_storage_,
-    unpack_codes,
-)
+from qspeech.export import FORMAT, export_packed, load_packed, read_packed
+from qspeech.quant import QuantConfig, get_method, overhead_values, quantize_, quantized_modules
+from qspeech.quant import clone_model as clone_upstream
+from qspeech.quant.packing import is_storage_exact, pack_codes, packed_nbytes, round_to_storage_, unpack_codes
+
+SYM = QuantConfig(method="rtn", symmetric=True)  # rtn per channel, symmetric (the accounting's reference)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +62,10 @@ def test_pack_roundtrip(bits):
 
 
 CASES = [
-    ("rtn", 1, {}), ("rtn", 2, {}), ("rtn", 4, {}), ("rtn", 8, {}),
-    ("rtn", 3, {"symmetric": False}), ("rtn", 2, {"granularity": "group", "group_size": 128}),
+    ("rtn", 1, {}), ("rtn", 2, {"symmetric": True}), ("rtn", 4, {"symmetric": True}), ("rtn", 8, {"symmetric": True}),
+    ("rtn", 3, {"symmetric": False}), ("rtn", 2, {"granularity": "group", "group_size": 128, "symmetric": True}),
     ("kmeans", 2, {"iters": 5}), ("lsq", 2, {}), ("bit", 1, {}), ("bit", 2, {"act_bits": 2}),
-    ("rtn", 4, {"targets": ["all"]}),
+    ("rtn", 4, {"targets": ["all"], "symmetric": True}),
 ]
 
 
@@ -96,13 +89,14 @@ def test_export_load_identical(tiny, wav, tmp_path, method, bits, extra):
     assert meta["arch"] == "hubert" and meta["quant"]["method"] == method
     assert set(meta["modules"]) == set(quantized_modules(up))
     assert all(m["bits"] == bits for m in meta["modules"].values())
+    assert {m["format"] for m in meta["modules"].values()} <= set(get_method(method).formats)
 
 
 def test_round_to_storage_is_idempotent_and_export_flags_inexact(tiny, wav, tmp_path):
     up = clone_upstream(tiny)
-    quantize_(up, QuantConfig(), 4)
+    quantize_(up, SYM, 4)
     assert not is_storage_exact(up)
-    path = export_packed(up, QuantConfig(), 4, tmp_path / "inexact.safetensors")
+    path = export_packed(up, SYM, 4, tmp_path / "inexact.safetensors")
     assert read_packed(path)[1]["exact"] is False
     first = round_to_storage_(up)
     assert first["changed"] > 0
@@ -111,12 +105,12 @@ def test_round_to_storage_is_idempotent_and_export_flags_inexact(tiny, wav, tmp_
 
 def test_packed_codes_match_parts(tiny, tmp_path):
     from qspeech.quant import quantized_weight_parts
-    from qspeech.quant.export import unpacked_parts
+    from qspeech.export import unpacked_parts
 
     up = clone_upstream(tiny)
-    quantize_(up, QuantConfig(), 2)
+    quantize_(up, SYM, 2)
     round_to_storage_(up)
-    path = export_packed(up, QuantConfig(), 2, tmp_path / "p.safetensors")
+    path = export_packed(up, SYM, 2, tmp_path / "p.safetensors")
     tensors, meta = read_packed(path)
     name = "encoder.layers.0.fc1"
     parts = quantized_weight_parts(dict(up.model.named_modules())[name])
@@ -128,6 +122,17 @@ def test_packed_codes_match_parts(tiny, tmp_path):
     json.dumps(meta)  # metadata decodes to plain JSON values
 
 
+def test_export_command_reloads_identically(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("export", "bits=2", "model.init=random", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (out,) = (tmp_path / "outputs" / "export").rglob("export.json")
+    info = json.loads(out.read_text())
+    assert info["reload_max_abs_diff"] == 0.0 and abs(info["packed_vs_storage"] - 1) < 0.02
+    assert read_packed(info["path"])[1]["exact"] is True
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_packed_size_matches_accounting_hubert_base(tmp_path, bits):
@@ -135,7 +140,7 @@ def test_packed_size_matches_accounting_hubert_base(tmp_path, bits):
     from qspeech.quant.targets import select_targets
 
     base = random_upstream("hubert")
-    qc = QuantConfig()
+    qc = SYM
     chosen = select_targets(base.model, bits, qc.targets, qc.exclude, qc.overrides)
     storage_mb = account(base, chosen, lambda s, b: overhead_values(qc, s, b), 0.1).storage_mb
     quantize_(base, qc, bits)

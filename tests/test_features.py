@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from qspeech import features
-from qspeech.features import cache_key, load_or_build
+from qspeech import feature_cache
+from qspeech.feature_cache import cache_key, load_or_build
 
 from test_asr_fixture import read_audio, tiny_upstream, write_corpus
 
@@ -94,7 +94,7 @@ def test_unreadable_audio_is_skipped_with_warning(upstream, corpus, tmp_path, ca
     bad = corpus[2].path
     with open(bad, "wb") as f:
         f.write(b"not a wav file")
-    with caplog.at_level(logging.WARNING, logger="qspeech.features"):
+    with caplog.at_level(logging.WARNING, logger="qspeech.feature_cache"):
         store, _ = _build(upstream, corpus, tmp_path / "c")
     assert len(store) == 3 and store.skipped == [bad] and corpus[2].utt_id not in store.utt_ids
     text = caplog.text
@@ -103,4 +103,4 @@ def test_unreadable_audio_is_skipped_with_warning(upstream, corpus, tmp_path, ca
 
 def test_estimate_bytes(upstream):
     # 10 s at 50 frames/s, 7 states of 256 fp16
-    assert features.estimate_bytes(upstream, 10.0) == 500 * 7 * 256 * 2
+    assert feature_cache.estimate_bytes(upstream, 10.0) == 500 * 7 * 256 * 2

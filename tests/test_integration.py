@@ -28,6 +28,11 @@ def test_run_then_sweep_then_report(tmp_path):
     assert res["params"] == 5_298_752 and res["est_runtime"] == 1.0
     assert res["config"]["model"]["name"] == "tiny_hubert" and res["timings"]["wall_s"] > 0
     assert len(res["metrics"]["layer_weights"]) == 7
+    # result.json's layout (RunResult.to_dict): the same keys as when the runner assembled a dict
+    assert list(res) == ["model", "init", "quant", "targets", "bits", "task", "data", "status", "git_commit", "started",
+                         "config", "params", "quantized_params", "macs", "storage_mb", "est_runtime", "metric", "value",
+                         "metrics", "packed_path", "packed_mb", "finished", "timings"]
+    assert list(res["timings"]) == ["load_s", "quantize_s", "task_s", "wall_s"]
 
     proc = run_cli("run", "-m", *SMOKE, "export=true", "bits=2,32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -105,6 +110,6 @@ def test_failed_rerun_keeps_the_earlier_result(tmp_path):
     from qspeech.runner import _result_path
 
     write_json_atomic(tmp_path / "result.json", {"status": "ok", "value": 1.0})
-    assert _result_path(tmp_path, {"status": "failed"}).name == "result.last_failure.json"
-    assert _result_path(tmp_path, {"status": "ok"}).name == "result.json"
-    assert _result_path(tmp_path / "new", {"status": "failed"}).name == "result.json"
+    assert _result_path(tmp_path, "failed").name == "result.last_failure.json"
+    assert _result_path(tmp_path, "ok").name == "result.json"
+    assert _result_path(tmp_path / "new", "failed").name == "result.json"

@@ -8,10 +8,11 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
-from qspeech.pretrain import common, compose, distill, hubert
-from qspeech.pretrain.features import conv_layers, mfcc, num_frames, receptive_field
+from qspeech.errors import ConfigError
+from qspeech.pretrain import common, compose, distilhubert, hubert
+from qspeech.pretrain.mfcc import conv_layers, mfcc, num_frames, receptive_field
 from qspeech.pretrain.labels import assign, fit_kmeans
-from qspeech.upstream import Upstream, UpstreamSpec, build_upstream
+from qspeech.upstream import ModelConfig, Upstream, UpstreamSpec, build_upstream
 
 SR = 16_000
 CNN = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"  # HuBERT's strides, narrow channels
@@ -165,15 +166,15 @@ def test_distillation_loss_decreases(tmp_path, clips):
     torch.manual_seed(0)
     teacher_model = hubert.build_model(hubert.model_config(TINY, TRAIN, 320), 8, 320)
     teacher = _upstream(teacher_model, "hubert", TINY).requires_grad_(False)
-    student = distill.build_student(STUDENT)
-    copied = distill.init_from_teacher(student, teacher_model)
+    student = distilhubert.build_student(STUDENT)
+    copied = distilhubert.init_from_teacher(student, teacher_model)
     assert copied[:3] == ["feature_extractor", "post_extract_proj", "encoder.pos_conv"]
     assert torch.equal(student.encoder.layers[0].fc1.weight, teacher_model.encoder.layers[0].fc1.weight)
     wavs = torch.from_numpy(np.stack([c[:SR] for c in clips]))
     log = common.LossLog(tmp_path / "loss.csv", ["stage", "step", "global_step", "lr", "wall_s", "loss", "rec", "sim"])
 
     def step(_):
-        return distill.distill_loss(student, teacher, wavs, [1, 2], cosine=1.0)
+        return distilhubert.distilhubert_loss(student, teacher, wavs, [1, 2], cosine=1.0)
 
     loss0, m0 = step(0)
     assert {"rec", "sim", "rec_l1", "rec_l2", "sim_l1", "sim_l2"} <= set(m0)
@@ -195,7 +196,7 @@ def test_hubert_checkpoint_reloads_exactly(tmp_path, fp16):
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"}
     assert raw["model_weight"]["encoder.layers.0.fc1.weight"].dtype == (torch.float16 if fp16 else torch.float32)
-    cfg = {"name": "tiny", "arch": "hubert", "ckpt": str(path), "init": "pretrained", "arch_cfg": TINY}
+    cfg = ModelConfig(name="tiny", arch="hubert", url=None, ckpt=str(path), init="pretrained", arch_cfg=TINY)
     loaded = build_upstream(cfg)
     if fp16:
         common.round_to_half_(model)
@@ -205,33 +206,29 @@ def test_hubert_checkpoint_reloads_exactly(tmp_path, fp16):
     assert len(a.hidden_states) == 3
     for x, y in zip(a.hidden_states, b.hidden_states):
         assert torch.equal(x, y)
-    assert common.verify_checkpoint(OmegaConf.create(cfg), state, path, "hubert", fp16)["reload_max_abs_diff"] == 0
+    assert common.verify_checkpoint(cfg, state, path, "hubert", fp16)["reload_max_abs_diff"] == 0
 
 
 def test_distiller_checkpoint_reloads_exactly(tmp_path):
     from qspeech.upstream.builders import to_state
 
     torch.manual_seed(2)
-    student = distill.build_student(STUDENT).eval()
+    student = distilhubert.build_student(STUDENT).eval()
     state = to_state("distiller", student, STUDENT)
     path = common.save_s3prl(state, tmp_path / "d.ckpt", fp16=True)
-    cfg = OmegaConf.create({"name": "tiny_d", "arch": "distiller", "ckpt": str(path), "init": "pretrained",
-                            "arch_cfg": STUDENT})
+    cfg = ModelConfig(name="tiny_d", arch="distiller", url=None, ckpt=str(path), init="pretrained", arch_cfg=STUDENT)
     check = common.verify_checkpoint(cfg, state, path, "distiller", fp16=True)
     assert check["reload_max_abs_diff"] == 0 and check["num_hidden"] == 1 + 1 + 2
 
 
 # -------------------------------------------------------------------------------------- configs + main
 def test_primary_configs_compose_and_validate():
-    p = compose("pretrain")
-    hubert.validate(p)
+    p = compose("pretrain")  # typed and checked (qspeech.pretrain.config)
     assert p.model.name == "tiny_hubert" and p.pretrain.iterations[0].targets == "mfcc"
     d = compose("distill")
-    distill.validate(d)
     assert d.teacher.name == "tiny_hubert" and d.model.name == "tiny_distilhubert"
-    bad = compose("pretrain", ["pretrain.iterations=[{targets: hidden, layer: 2, clusters: 10, steps: 5}]"])
-    with pytest.raises(Exception, match="previous iteration"):
-        hubert.validate(bad)
+    with pytest.raises(ConfigError, match="previous iteration"):
+        compose("pretrain", ["pretrain.iterations=[{targets: hidden, layer: 2, clusters: 10, steps: 5}]"])
 
 
 def test_pretrain_and_distill_main_end_to_end(tmp_path, clips):
@@ -261,6 +258,6 @@ def test_pretrain_and_distill_main_end_to_end(tmp_path, clips):
                             "distill.log_every=1", "threads=1", *tiny[:0], *student,
                             *[f"teacher.arch_cfg.{k}={v}" for k, v in TINY.items() if k != "conv_feature_layers"],
                             f"teacher.arch_cfg.conv_feature_layers='{CNN}'"])
-    s = distill.main(d)
+    s = distilhubert.main(d)
     assert s["check"]["reload_max_abs_diff"] == 0
     assert (tmp_path / "dis" / "tiny_distilhubert.ckpt").exists() and (tmp_path / "dis" / "tiny_distilhubert.md").exists()

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,34 +14,38 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.utils import parametrize
 
+from qspeech import qat as D
 from qspeech.errors import ConfigError
+from qspeech.qat import hidden_state_error, prepare_quantized_upstream
 from qspeech.quant import (
     QuantConfig,
-    clone_upstream,
+    QuantMethod,
+    RTNConfig,
     dequantize_parts,
-    hidden_state_error,
+    get_method,
     overhead_values,
-    prepare_quantized_upstream,
+    quant_schemas,
     quantize_,
     quantized_modules,
     quantized_weight_parts,
+    register,
     remove_quantization_,
     supported_bits,
     validate_quant_config,
 )
-from qspeech.quant import distill as D
+from qspeech.quant import clone_model as clone_upstream
 from qspeech.quant import functional as Fq
+from qspeech.quant.registry import unregister
 from qspeech.quant.targets import select_targets
 
 
 @pytest.fixture(scope="module")
 def tiny():
+    from conftest import model_cfg
     from qspeech.upstream import build_upstream
 
     torch.manual_seed(0)
-    cfg = OmegaConf.load("conf/model/tiny_hubert.yaml")
-    cfg.init = "random"
-    return build_upstream(cfg)
+    return build_upstream(model_cfg("tiny_hubert", init="random"))
 
 
 @pytest.fixture(scope="module")
@@ -238,26 +244,109 @@ def test_supported_bits_and_validation(tiny):
         quantize_(clone_upstream(tiny), QuantConfig(method="rtn"), 5)
 
 
+def _yaml(method: str) -> dict:
+    """conf/quant/<method>.yaml as plain values (its Hydra `defaults` list left out)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(f"conf/quant/{method}.yaml"), resolve=True)
+    cfg.pop("defaults", None)
+    return cfg
+
+
 def test_conf_yamls_are_valid():
     for method in ("rtn", "kmeans", "lsq", "bit"):
-        cfg = OmegaConf.load(f"conf/quant/{method}.yaml")
-        assert cfg.method == method
+        cfg = _yaml(method)
+        assert cfg["method"] == method
         validate_quant_config(cfg, 2)
 
 
 def test_overhead_values():
     shape = (768, 3072)
-    assert overhead_values(QuantConfig(method="rtn", granularity="channel"), shape, 4) == 768
+    assert overhead_values(QuantConfig(method="rtn", granularity="channel", symmetric=True), shape, 4) == 768
     assert overhead_values(QuantConfig(method="rtn", granularity="channel", symmetric=False), shape, 4) == 1536
     assert overhead_values(QuantConfig(method="rtn", granularity="channel", symmetric=False), shape, 1) == 768
-    assert overhead_values(QuantConfig(method="rtn", granularity="group", group_size=128), shape, 2) == 768 * 24
-    assert overhead_values(QuantConfig(method="rtn", granularity="tensor"), shape, 8) == 1
+    assert overhead_values(QuantConfig(method="rtn", granularity="group", group_size=128, symmetric=True), shape,
+                           2) == 768 * 24
+    assert overhead_values(QuantConfig(method="rtn", granularity="tensor", symmetric=True), shape, 8) == 1
     assert overhead_values(QuantConfig(method="kmeans", granularity="channel"), shape, 2) == 768 * 4
     assert overhead_values(QuantConfig(method="kmeans", granularity="tensor"), shape, 3) == 8
     assert overhead_values(QuantConfig(method="lsq"), shape, 2) == 768
     assert overhead_values(QuantConfig(method="bit", act_bits=1), shape, 1) == 770
     assert overhead_values(QuantConfig(method="rtn"), shape, 32) == 0
-    assert overhead_values(QuantConfig(method="rtn"), (128, 64, 3), 4) == 128  # conv: per out channel
+    assert overhead_values(QuantConfig(method="rtn", symmetric=True), (128, 64, 3), 4) == 128  # conv: per out channel
+
+
+# ----------------------------------------------------------------------------------- method registry
+
+
+def test_every_method_config_defaults_equal_its_yaml():
+    schemas = quant_schemas()
+    assert list(schemas) == ["rtn", "kmeans", "lsq", "bit"]
+    assert sorted(schemas) == sorted(p.stem for p in Path("conf/quant").glob("*.yaml"))
+    shared = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(QuantConfig)}
+    for name, cls in schemas.items():
+        yaml, default = _yaml(name), cls()
+        assert type(QuantConfig(method=name)) is cls and QuantConfig(method=name) == default
+        assert set(yaml) <= set(shared), name
+        assert {k: getattr(default, k) for k in yaml} == yaml, name
+        # what the YAML leaves out is the shared default: composing it over QuantConfig's schema agrees too
+        assert {k: getattr(default, k) for k in shared if k not in yaml} == \
+            {k: v for k, v in shared.items() if k not in yaml}, name
+        assert validate_quant_config(yaml, 2) == default
+
+
+def test_rtn_config_is_quant_rtn(tiny):
+    a = quantize_(clone_upstream(tiny), RTNConfig(), 4)
+    b = quantize_(clone_upstream(tiny), _yaml("rtn"), 4)
+    c = quantize_(clone_upstream(tiny), QuantConfig(method="rtn"), 4)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) and torch.equal(sa[k], sc[k]) for k in sa)
+    assert {quantized_weight_parts(m)["format"] for m in quantized_modules(a).values()} == {"affine"}
+    with pytest.raises(ConfigError, match="does not match"):
+        RTNConfig(method="kmeans")
+
+
+@pytest.fixture
+def fake_method():
+    """A throwaway method registered from a test: nothing else in the package names it."""
+    from qspeech.quant.methods.rtn import RTNWeight
+
+    @dataclasses.dataclass
+    class FakeConfig(QuantConfig):
+        method: str = "fake"
+
+    @register
+    class Fake(QuantMethod):
+        name = "fake"
+        config = FakeConfig
+        weight_bits = frozenset({3, 5})
+        granularities = ("channel",)
+
+        def make_weight_quantizer(self, cfg, w, bits):
+            return RTNWeight(w, bits, cfg.granularity, cfg.group_size, cfg.symmetric)
+
+        def scale_values(self, cfg, groups, bits):
+            return 3 * groups
+
+    yield FakeConfig
+    unregister("fake")
+
+
+def test_registry_drives_bits_overheads_and_quantize(tiny, fake_method):
+    from qspeech.cost import account_quantized
+
+    cfg = QuantConfig(method="fake")
+    assert type(cfg) is fake_method and quant_schemas()["fake"] is fake_method
+    assert supported_bits("fake") == {3, 5} and not get_method("fake").needs_audio
+    assert overhead_values(cfg, (768, 3072), 5) == 3 * 768
+    with pytest.raises(ConfigError, match="granularity=tensor is not supported by fake"):
+        QuantConfig(method="fake", granularity="tensor")
+    with pytest.raises(ConfigError, match="bits=4 is not supported by quant.method=fake"):
+        validate_quant_config(cfg, 4)
+    up = quantize_(clone_upstream(tiny), cfg, 5)
+    assert quantized_modules(up) and all(quantized_weight_parts(m)["bits"] == 5 for m in quantized_modules(up).values())
+    mods = dict(tiny.model.named_modules())
+    rows = [r for r in account_quantized(tiny, cfg, 5, 0.1).rows if r.quantized]
+    assert rows and all(r.bits == 5 and r.scale_values == 3 * mods[r.name].weight.shape[0] for r in rows)
 
 
 # ----------------------------------------------------------------------------------- quantize_ on tiny HuBERT
@@ -396,7 +485,7 @@ def test_ptq_prepare_freezes(tiny):
 
 
 def test_qat_chain_cache_and_resume(tiny, noise_wavs, tmp_path, monkeypatch):
-    cfg = QuantConfig(method="bit", steps=3, batch_size=1, max_seconds=0.5, ckpt_every=1, progress=False)
+    cfg = QuantConfig(method="bit", steps=3, batch_size=1, max_seconds=0.5, ckpt_every=1)
     run = tmp_path / "run"
     real_batch = D._AudioSampler.batch
 
@@ -431,8 +520,7 @@ def test_short_distillation_beats_rtn_at_2_bits(tiny, noise_wavs, eval_audio, tm
     rtn = hidden_state_error(quantize_(clone_upstream(tiny), QuantConfig(method="rtn", symmetric=False), 2), tiny,
                              *eval_audio)
     for method in ("lsq", "bit"):
-        cfg = OmegaConf.load(f"conf/quant/{method}.yaml")
-        cfg.steps, cfg.batch_size, cfg.max_seconds = 40, 2, 1.0
+        cfg = {**_yaml(method), "steps": 40, "batch_size": 2, "max_seconds": 1.0}
         up = prepare_quantized_upstream(clone_upstream(tiny), cfg, 2, noise_wavs, tmp_path, tmp_path / method,
                                         progress=False)
         e = hidden_state_error(up, tiny, *eval_audio)

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 
 from qspeech.report import build_table, make_report
-from qspeech.results import collect, write_json_atomic
+from qspeech.results import RunResult, collect, load_results, write_json_atomic
 
 
 def _result(model, bits, value, status="ok", quant="rtn", finished="2026-01-01T00:00:00", **kw):
@@ -57,7 +57,7 @@ def test_one_row_per_experiment_latest_success_wins(tmp_path):
         _result("tiny_hubert", 4, 25.0, finished="2026-01-02T00:00:00"),
         _result("tiny_hubert", 4, None, status="failed", finished="2026-01-03T00:00:00"),
     ]
-    ours = build_table(results)
+    ours = build_table([RunResult.from_dict(r) for r in results])
     ours = ours[ours.source == "qspeech"]
     assert len(ours) == 1 and ours.iloc[0].value == 25.0
 
@@ -66,6 +66,8 @@ def test_collect_rejects_results_without_required_keys(tmp_path):
     write_json_atomic(tmp_path / "x" / "result.json", {"hello": 1})
     results, problems = collect(tmp_path)
     assert results == [] and "missing" in problems[0]
+    results, problems = load_results(tmp_path)
+    assert results == [] and "missing" in problems[0] and "model" in problems[0]
 
 
 def test_measured_speed_from_bench_runs_joins_matching_rows(tmp_path):

@@ -11,7 +11,8 @@ from torch import nn
 import qspeech.tasks.asr as asr
 from qspeech.errors import ConfigError, TrainingError
 from qspeech.tasks import run_task
-from qspeech.train import TrainConfig, epoch_batches, fit, lr_factor, validate_train_config
+from qspeech.checks import typed
+from qspeech.train import TrainConfig, epoch_batches, fit, lr_factor
 
 from test_asr_fixture import fake_data_api, make_cfg, tiny_upstream, write_corpus
 
@@ -53,7 +54,7 @@ class Toy:
 
 def _cfg(**kw):
     return dataclasses.replace(TrainConfig(max_steps=30, batch_size=8, eval_every=10, save_every=5, log_every=5,
-                                           device="cpu", cache_features=False), **kw)
+                                           lr_schedule="constant", device="cpu", cache_features=False), **kw)
 
 
 def test_epoch_batches_deterministic_complete_and_bucketed():
@@ -83,7 +84,7 @@ def test_lr_factor_schedules():
     assert {lr_factor(_cfg(max_steps=5), s) for s in range(5)} == {1.0}
     for bad in ({"lr_schedule": "cosine"}, {"warmup_steps": 30}, {"warmup_steps": -1}):
         with pytest.raises(ConfigError, match="train.(lr_schedule|warmup_steps)"):
-            validate_train_config({**dataclasses.asdict(_cfg()), **bad})
+            typed(TrainConfig, {**dataclasses.asdict(_cfg()), **bad}, "train")
 
 
 def test_fit_applies_the_schedule_to_the_task_optimizer(tmp_path):
@@ -135,7 +136,7 @@ def test_asr_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
     up = tiny_upstream()
     over = {"train.max_steps": 12, "train.batch_size": 4, "train.eval_every": 4, "train.save_every": 4,
             "train.log_every": 2, "task.project_dim": 32, "task.hidden_size": 32, "task.num_layers": 1}
-    full = run_task(make_cfg(tmp_path / "a", **over), up, tmp_path / "run_a", "up", progress=False)
+    full = run_task(make_cfg(tmp_path / "a", **over), up, tmp_path / "run_a", "up", progress=False).to_dict()
 
     def stop_at(step):
         if step == 6:
@@ -144,7 +145,7 @@ def test_asr_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
     cfg_b = make_cfg(tmp_path / "b", **over)
     with pytest.raises(KeyboardInterrupt):
         run_task(cfg_b, up, tmp_path / "run_b1", "up", progress=False, on_step=stop_at)
-    res = run_task(cfg_b, up, tmp_path / "run_b2", "up", progress=False)
+    res = run_task(cfg_b, up, tmp_path / "run_b2", "up", progress=False).to_dict()
     assert res["resumed_from_step"] == 4 and res["feature_cache"] == "hit"
     drop = {"train_wall_s", "train_utts_per_s", "upstream_utts_per_s", "resumed_from_step", "feature_cache"}
     assert {k: v for k, v in res.items() if k not in drop} == {k: v for k, v in full.items() if k not in drop}

@@ -1,21 +1,24 @@
-"""Schema and validation of the `data` config group (conf/data/*.yaml)."""
+"""The `data` config group (conf/data/*.yaml), and the checks of its files that run when the data is loaded."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qspeech.checks import FieldError, integer, need, number, pair, typed
 from qspeech.errors import ConfigError
 
-__all__ = [
-    "SPLITS", "KINDS", "DataConfig", "MiniConfig", "validate_data_config", "as_data_config", "resolve_path",
-]
+__all__ = ["SPLITS", "KINDS", "DataConfig", "MiniConfig", "data_config", "check_data_paths", "resolve_path"]
 
 SPLITS = ("train", "dev", "test", "unlabeled")
 KINDS = ("librispeech", "manifest", "mini")
 LIBRISPEECH_SPLITS = {"train": "train-clean-100", "dev": "dev-clean", "test": "test-clean", "unlabeled": None}
+
+
+def _per_split(value=None) -> dict:
+    return {s: value for s in SPLITS}
 
 
 @dataclass
@@ -40,28 +43,79 @@ class MiniConfig:
     vocab_size: int = 20000
     # Per-speaker base speaking rate (eSpeak words per minute) and pitch (0-100) ranges;
     # each utterance jitters around its speaker's base.
-    rate: list = field(default_factory=lambda: [140, 210])
-    pitch: list = field(default_factory=lambda: [25, 75])
+    rate: list[float] = field(default_factory=lambda: [140.0, 210.0])
+    pitch: list[float] = field(default_factory=lambda: [25.0, 75.0])
     # Background noise SNR range in dB (white noise, per utterance), or null for clean audio.
-    noise_snr_db: Any = field(default_factory=lambda: [30.0, 50.0])
+    noise_snr_db: list[float] | None = field(default_factory=lambda: [30.0, 50.0])
     # Worker processes for the build (null: up to 2, never more than the CPU count). Does not change content.
-    workers: Any = None
+    workers: int | None = None
+
+    def __post_init__(self):
+        for k in ("n_train", "n_dev", "n_test", "n_unlabeled", "unlabeled_speakers"):
+            integer(self, k, 0)
+        for k, n in (("train_speakers", self.n_train), ("dev_speakers", self.n_dev), ("test_speakers", self.n_test)):
+            integer(self, k, 1 if n > 0 else 0)
+        need(self.n_unlabeled == 0 or self.train_speakers + self.unlabeled_speakers >= 1, "unlabeled_speakers",
+             self.unlabeled_speakers, "n_unlabeled > 0 needs unlabeled_speakers >= 1 or train speakers")
+        integer(self, "min_words", 1)
+        integer(self, "max_words", self.min_words)
+        number(self, "max_seconds", 0.5)
+        integer(self, "vocab_size", 100)
+        pair(self, "rate", 80, 450)
+        pair(self, "pitch", 0, 100)
+        pair(self, "noise_snr_db", -20, 120, optional=True)
+        integer(self, "workers", 1, optional=True)
+        # the corpus hash reads these as floats whatever the YAML wrote
+        self.max_seconds = float(self.max_seconds)
+        self.rate, self.pitch = [float(x) for x in self.rate], [float(x) for x in self.pitch]
+        if self.noise_snr_db is not None:
+            self.noise_snr_db = [float(x) for x in self.noise_snr_db]
+        self._check_voices()
+
+    def _check_voices(self) -> None:
+        from qspeech.data.espeak import english_accents, voice_variants
+
+        used = ((self.train_speakers, self.n_train or self.n_unlabeled), (self.dev_speakers, self.n_dev),
+                (self.test_speakers, self.n_test), (self.unlabeled_speakers, self.n_unlabeled))
+        want = sum(n for n, on in used if on)
+        have = len(english_accents()) * len(voice_variants())
+        if want > have:
+            raise FieldError("", f"asks for {want} speakers but eSpeak NG has {have} English voice combinations: "
+                                 "lower data.mini.*_speakers")
 
 
 @dataclass
 class DataConfig:
+    """The `data` config group; the defaults are conf/data/mini.yaml (the default option). Each kind reads its
+    own keys (mini: `mini`; librispeech: `root`, `splits`; manifest: `manifest`, `splits`) and ignores the
+    others, so an experiment's data.mini settings do not stop `data=manifest`."""
+
     name: str = "mini"
-    kind: str = "mini"
+    kind: str = "mini"  # mini | librispeech | manifest
     seed: int = 0
-    # librispeech: the folder holding train-clean-100/, dev-clean/, ...
-    root: Any = None
+    # librispeech: the folder holding train-clean-100/, dev-clean/, ... (checked when the data is loaded).
+    root: str | None = None
     # manifest: one TSV used for every split without its own entry in `splits`.
-    manifest: Any = None
-    # librispeech: subset folder name(s) per split; manifest: TSV path(s) per split. A list concatenates.
-    splits: dict = field(default_factory=dict)
+    manifest: str | None = None
+    # librispeech: subset folder name(s) per split (unlabeled: null = the train audio); manifest: TSV path(s)
+    # per split. A list concatenates.
+    splits: dict[str, Any] = field(default_factory=_per_split)
     # Per-split utterance cap (null = all); a deterministic subset spread over speakers.
-    max_utts: dict = field(default_factory=dict)
+    max_utts: dict[str, int | None] = field(default_factory=_per_split)
     mini: MiniConfig = field(default_factory=MiniConfig)
+
+    def __post_init__(self):
+        need(self.kind in KINDS, "kind", self.kind, f"is unknown; use one of {', '.join(KINDS)}")
+        need(bool(self.name), "name", self.name, "must be a non-empty name")
+        integer(self, "seed", 0)
+        self.splits = _splits_dict(self, "splits", LIBRISPEECH_SPLITS if self.kind == "librispeech" else None)
+        for s, v in self.splits.items():
+            ok = v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+            need(ok, f"splits.{s}", v, "must be null, a name/path or a list of them")
+        self.max_utts = _splits_dict(self, "max_utts", None)
+        for s, v in self.max_utts.items():
+            need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), f"max_utts.{s}", v,
+                 "must be null or an integer >= 0")
 
     def split_sources(self, split: str) -> list[str]:
         """The subset names (librispeech) or manifest paths (manifest) of `split`; [] if it has none."""
@@ -78,101 +132,25 @@ class DataConfig:
         return asdict(self)
 
 
-def _to_container(data_cfg) -> dict:
-    from omegaconf import DictConfig
-
-    from qspeech.config import plain
-
-    if isinstance(data_cfg, DataConfig):
-        return data_cfg.to_dict()
-    if data_cfg is None:
-        raise ConfigError("no data config: compose one with data=mini|librispeech|manifest|real_speech")
-    if not isinstance(data_cfg, (dict, DictConfig)):
-        raise ConfigError(f"data config must be a mapping, got {type(data_cfg).__name__}")
-    return plain(data_cfg)
-
-
-def _per_split(raw: dict, key: str, what: str) -> dict:
-    """data.<key>: a mapping from known split names (what: what the values are)."""
-    value = raw.get(key) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"data.{key} must map split names to {what}, got {value!r}")
+def _splits_dict(cfg, name: str, defaults) -> dict:
+    """cfg.<name> as {split: value} over every split (missing ones from `defaults`); unknown splits: error."""
+    value = getattr(cfg, name)
+    need(isinstance(value, dict), name, value, f"must map split names ({', '.join(SPLITS)}) to values")
     for k in value:
-        if k not in SPLITS:
-            raise ConfigError(f"unknown split data.{key}.{k}: use {', '.join(SPLITS)}")
-    return value
+        need(k in SPLITS, f"{name}.{k}", value[k], f"unknown split; use {', '.join(SPLITS)}")
+    base = defaults if isinstance(defaults, dict) else _per_split(defaults)
+    return {s: value.get(s, base[s]) for s in SPLITS}
 
 
-def _int(name: str, v, allow_none: bool = False, minimum: int = 0):
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-        raise ConfigError(f"{name}={v!r} must be an integer")
-    if v < minimum:
-        raise ConfigError(f"{name}={v} must be >= {minimum}")
-    return int(v)
-
-
-def _num(name: str, v, minimum: float | None = None, strictly: bool = False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{name}={v!r} must be a number")
-    if minimum is not None and (v <= minimum if strictly else v < minimum):
-        raise ConfigError(f"{name}={v} must be {'>' if strictly else '>='} {minimum}")
-    return float(v)
-
-
-def _range(name: str, v, lo: float, hi: float) -> list[float]:
-    if not isinstance(v, (list, tuple)) or len(v) != 2:
-        raise ConfigError(f"{name}={v!r} must be a [low, high] pair")
-    a, b = (_num(name, x) for x in v)
-    if not (lo <= a <= b <= hi):
-        raise ConfigError(f"{name}={list(v)} must satisfy {lo} <= low <= high <= {hi}")
-    return [a, b]
-
-
-def as_data_config(data_cfg) -> DataConfig:
-    """Convert the composed `data` group (DictConfig or dict) to a DataConfig; ConfigError on bad values."""
-    raw = _to_container(data_cfg)
-    kind = raw.get("kind")
+def data_config(data) -> DataConfig:
+    """The DataConfig of a mapping (dict, DictConfig, a loaded conf/data YAML), checked as when composed; a
+    DataConfig is returned as is."""
+    if isinstance(data, DataConfig):
+        return data
+    kind = data.get("kind") if hasattr(data, "get") else None
     if kind not in KINDS:
-        raise ConfigError(f"unknown data.kind={kind!r}: use one of {', '.join(KINDS)}")
-    known = {f.name for f in fields(DataConfig)}
-    cfg = DataConfig(**{k: v for k, v in raw.items() if k in known and k not in ("mini", "splits", "max_utts")})
-    cfg.name = str(cfg.name if cfg.name is not None else kind)
-    cfg.seed = _int("data.seed", cfg.seed)
-
-    splits = _per_split(raw, "splits", "values")
-    if kind == "librispeech":
-        splits = {**LIBRISPEECH_SPLITS, **splits}
-    cfg.splits = {s: splits.get(s) for s in SPLITS}
-
-    max_utts = _per_split(raw, "max_utts", "counts")
-    cfg.max_utts = {s: _int(f"data.max_utts.{s}", max_utts.get(s), allow_none=True) for s in SPLITS}
-
-    mini_raw = raw.get("mini") or {}
-    if not isinstance(mini_raw, dict):
-        raise ConfigError(f"data.mini must be a mapping, got {mini_raw!r}")
-    from qspeech.config import check_keys
-
-    check_keys(MiniConfig, mini_raw, "data.mini")
-    m = MiniConfig(**mini_raw)
-    for k in ("n_train", "n_dev", "n_test", "n_unlabeled", "unlabeled_speakers"):
-        setattr(m, k, _int(f"data.mini.{k}", getattr(m, k)))
-    for k, n in (("train_speakers", m.n_train), ("dev_speakers", m.n_dev), ("test_speakers", m.n_test)):
-        setattr(m, k, _int(f"data.mini.{k}", getattr(m, k), minimum=1 if n > 0 else 0))
-    if m.n_unlabeled > 0 and m.train_speakers + m.unlabeled_speakers < 1:
-        raise ConfigError("data.mini.n_unlabeled > 0 needs data.mini.unlabeled_speakers >= 1 or train speakers")
-    m.min_words = _int("data.mini.min_words", m.min_words, minimum=1)
-    m.max_words = _int("data.mini.max_words", m.max_words, minimum=m.min_words)
-    m.max_seconds = _num("data.mini.max_seconds", m.max_seconds, minimum=0.5)
-    m.vocab_size = _int("data.mini.vocab_size", m.vocab_size, minimum=100)
-    m.rate = _range("data.mini.rate", m.rate, 80, 450)
-    m.pitch = _range("data.mini.pitch", m.pitch, 0, 100)
-    if m.noise_snr_db is not None:
-        m.noise_snr_db = _range("data.mini.noise_snr_db", m.noise_snr_db, -20, 120)
-    m.workers = _int("data.mini.workers", m.workers, allow_none=True, minimum=1)
-    cfg.mini = m
-    return cfg
+        raise ConfigError(f"unknown data.kind={kind}: use one of {', '.join(KINDS)}")
+    return typed(DataConfig, data, "data")
 
 
 def resolve_path(p) -> Path:
@@ -195,29 +173,15 @@ def resolve_path(p) -> Path:
     return (bases[0] / path).resolve()
 
 
-def validate_data_config(data_cfg, check_paths: bool = True) -> DataConfig:
-    """Check the `data` group; raise ConfigError with one line for bad values. Returns the parsed DataConfig.
-
-    check_paths=False checks values only; the files are checked when the data is loaded. The runner
-    validates that way so that an offline upstream download is reported before a missing data folder."""
-    cfg = as_data_config(data_cfg)
-    if cfg.kind == "librispeech" and check_paths:
+def check_data_paths(cfg: DataConfig) -> DataConfig:
+    """The files a (checked) data config points at exist; ConfigError with one line otherwise. Runs when
+    the data is loaded, so that an offline upstream download is reported before a missing data folder."""
+    if cfg.kind == "librispeech":
         if cfg.root in (None, ""):
             raise ConfigError("data.root is not set: set data.root=/path/to/LibriSpeech")
-        root = resolve_path(cfg.root)
-        if not root.is_dir():
+        if not resolve_path(cfg.root).is_dir():
             raise ConfigError(f"data.root={cfg.root} is not a folder: set data.root=/path/to/LibriSpeech")
-    elif cfg.kind == "mini":
-        m = cfg.mini
-        need = sum(n for n, used in ((m.train_speakers, m.n_train or m.n_unlabeled), (m.dev_speakers, m.n_dev),
-                                     (m.test_speakers, m.n_test), (m.unlabeled_speakers, m.n_unlabeled)) if used)
-        from qspeech.data.espeak import english_accents, voice_variants
-
-        have = len(english_accents()) * len(voice_variants())
-        if need > have:
-            raise ConfigError(f"data.mini asks for {need} speakers but eSpeak NG has {have} English voice "
-                              "combinations: lower data.mini.*_speakers")
-    elif cfg.kind == "manifest" and check_paths:
+    elif cfg.kind == "manifest":
         if cfg.manifest is None and not any(cfg.splits.values()):
             raise ConfigError("no manifest: set data.manifest=/path/to/manifest.tsv or data.splits.<split>=...")
         for split in SPLITS:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qspeech.data.audio import SAMPLE_RATE, audio_info
-from qspeech.data.config import SPLITS, DataConfig, as_data_config, resolve_path, validate_data_config
+from qspeech.data.config import SPLITS, DataConfig, check_data_paths, resolve_path
 from qspeech.data.text import normalize_text
 from qspeech.errors import ConfigError, DataError
 
@@ -120,10 +120,10 @@ def _stable_key(utt_id: str) -> str:
     return hashlib.sha1(utt_id.encode()).hexdigest()
 
 
-def _load(data_cfg, split: str, cache_dir, progress: bool = True):
+def _load(cfg: DataConfig, split: str, cache_dir, progress: bool = True):
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    cfg = validate_data_config(data_cfg)
+    check_data_paths(cfg)
     where, cands, problems = _sources(cfg, split, cache_dir, progress)
     utts: dict[str, Utterance] = {}
     for utt_id, path, raw_text, speaker, dur in cands:
@@ -161,7 +161,7 @@ def _load(data_cfg, split: str, cache_dir, progress: bool = True):
     return cfg, out, problems
 
 
-def load_split(data_cfg, split: str, cache_dir) -> list[Utterance]:
+def load_split(data_cfg: DataConfig, split: str, cache_dir) -> list[Utterance]:
     """Utterances of `split` ("train" | "dev" | "test" | "unlabeled"), validated, sorted by utt_id, capped by
     data.max_utts.<split>. For kind=mini the corpus is synthesized into <cache_dir>/corpora/ on first use.
 
@@ -170,9 +170,9 @@ def load_split(data_cfg, split: str, cache_dir) -> list[Utterance]:
     return _load(data_cfg, split, cache_dir)[1]
 
 
-def prepare(data_cfg, cache_dir, progress: bool = True) -> dict:
+def prepare(cfg: DataConfig, cache_dir, progress: bool = True) -> dict:
     """Build (kind=mini) and validate every split; return a JSON-able summary (for `qspeech data`)."""
-    cfg = validate_data_config(data_cfg)
+    check_data_paths(cfg)
     summary: dict = {"name": cfg.name, "kind": cfg.kind, "root": None, "splits": {}}
     if cfg.kind == "mini":
         from qspeech.data.mini import mini_root
@@ -196,9 +196,8 @@ def prepare(data_cfg, cache_dir, progress: bool = True) -> dict:
     return summary
 
 
-def config_fingerprint(data_cfg, split: str) -> str:
+def config_fingerprint(cfg: DataConfig, split: str) -> str:
     """Stable hash of everything that determines a split's content (for feature caches)."""
-    cfg = as_data_config(data_cfg)
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     payload: dict = {"v": DATA_VERSION, "sr": SAMPLE_RATE, "kind": cfg.kind, "split": split,

@@ -1,18 +1,20 @@
 """Pretraining the project's own upstreams: HuBERT masked prediction (`qspeech pretrain`), DistilHuBERT
 distillation (`qspeech distill`) and rebuilding the packaged checkpoints (`qspeech assets`).
 
-Entry points: qspeech.pretrain.hubert.main(cfg), qspeech.pretrain.distill.main(cfg) (cfg = the composed
-conf/pretrain.yaml / conf/distill.yaml), and build_assets()."""
+Entry points: qspeech.pretrain.hubert.main(cfg), qspeech.pretrain.distilhubert.main(cfg) (cfg = the typed
+conf/pretrain.yaml / conf/distill.yaml: compose() below, or the CLI), and build_assets()."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qspeech.config import CONF_DIR
+from qspeech.config import CONF_DIR, to_typed
+from qspeech.pretrain import config as _schemas  # noqa: F401 - registers the pretrain / distill schemas
 
 
 def compose(config_name: str, overrides: list[str] | None = None):
-    """Compose a primary config (pretrain / distill) from conf/ with Hydra's compose API."""
+    """A primary config (pretrain / distill) composed from conf/ with Hydra's compose API, typed and checked
+    (qspeech.pretrain.config)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -20,7 +22,7 @@ def compose(config_name: str, overrides: list[str] | None = None):
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=config_name):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        return to_typed(hydra_compose(config_name=config_name, overrides=list(overrides or [])))
 
 
 def build_assets(argv: list[str] | None = None, *, run_root: str | Path | None = None,
@@ -37,7 +39,7 @@ def build_assets(argv: list[str] | None = None, *, run_root: str | Path | None =
     import argparse
     import time
 
-    from qspeech.pretrain import distill, hubert
+    from qspeech.pretrain import distilhubert, hubert
 
     ap = argparse.ArgumentParser(prog="qspeech assets", description=build_assets.__doc__.split("\n\n")[0])
     ap.add_argument("--run-root", default=None, help="folder for the two runs (resumes an interrupted build)")
@@ -57,5 +59,5 @@ def build_assets(argv: list[str] | None = None, *, run_root: str | Path | None =
     d_over = [f"run_dir={root / 'distill'}", "install=true", f"teacher.ckpt={teacher}", *args.distill,
               *(distill_overrides or [])]
     cmd = f"qspeech assets   # = qspeech distill {' '.join(d_over)}"
-    out["distill"] = distill.main(compose("distill", d_over + [f"command_line='{cmd}'"]))
+    out["distill"] = distilhubert.main(compose("distill", d_over + [f"command_line='{cmd}'"]))
     return out

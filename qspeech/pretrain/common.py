@@ -1,9 +1,11 @@
 """What HuBERT pretraining and DistilHuBERT distillation share: the unlabeled corpus and its crops, the
-optimizer and its schedule, run folders, resumable training state, the loss log, fp16 checkpoints."""
+optimizer and its schedule on the one training loop (qspeech.loop), run folders, the loss log, fp16
+checkpoints."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import time
 import zlib
@@ -12,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from qspeech.atomic import torch_save_atomic, write_json_atomic, write_text_atomic
 from qspeech.data import read_audio
-from qspeech.errors import ConfigError, DataError, TrainingError
-from qspeech.seeding import rng_state, seed_everything, set_rng_state
+from qspeech.errors import DataError, TrainingError
+from qspeech.loop import Job, LoopConfig, Step, linear_warmup_decay, run
+from qspeech.pretrain.config import OptimConfig
+from qspeech.seeding import seed_everything
+from qspeech.upstream.config import ModelConfig
 
 SAMPLE_RATE = 16_000
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,9 +67,10 @@ class Corpus:
         return float(self.lengths.sum()) / SAMPLE_RATE / 3600
 
 
-def load_corpus(cfg: DictConfig, pcfg: DictConfig, min_samples: int) -> Corpus:
-    """pcfg.audio_dir (all *.wav / *.flac under it) if set, else the data config's pcfg.split."""
-    if pcfg.get("audio_dir"):
+def load_corpus(cfg, pcfg, min_samples: int) -> Corpus:
+    """pcfg.audio_dir (all *.wav / *.flac under it) if set, else the data config's pcfg.split (cfg: the typed
+    pretrain / distill config, pcfg: its recipe section)."""
+    if pcfg.audio_dir:
         root = Path(str(pcfg.audio_dir)).expanduser()
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".wav", ".flac"))
         if not paths:
@@ -76,11 +82,11 @@ def load_corpus(cfg: DictConfig, pcfg: DictConfig, min_samples: int) -> Corpus:
 
         utts = load_split(cfg.data, str(pcfg.split), str(cfg.cache_dir))
         clips = [Clip(u.utt_id, str(u.path), int(round(float(u.duration_s) * SAMPLE_RATE))) for u in utts]
-        desc = f"data={cfg.data.get('name', '?')} split={pcfg.split}"
+        desc = f"data={cfg.data.name} split={pcfg.split}"
         split_dir = next((q for q in Path(clips[0].path).parents if q.name == str(pcfg.split)), None) if clips else None
         if split_dir is not None:  # the corpus folder names the corpus settings (e.g. mini-<hash>)
             desc += f", corpus {split_dir.parent.name}"
-    max_utts = pcfg.get("max_utts")
+    max_utts = pcfg.max_utts
     if max_utts and len(clips) > int(max_utts):
         keep = sorted(np.random.default_rng(int(cfg.seed)).choice(len(clips), int(max_utts), replace=False))
         clips = [clips[i] for i in keep]
@@ -138,24 +144,16 @@ def set_threads(n: int | None) -> None:
     torch.set_flush_denormal(True)
 
 
-def make_optimizer(model: torch.nn.Module, ocfg: DictConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, ocfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(
         params, lr=float(ocfg.lr), betas=tuple(ocfg.betas), eps=float(ocfg.eps), weight_decay=float(ocfg.weight_decay)
     )
 
 
-def warmup_steps(ocfg: DictConfig, total: int) -> int:
+def warmup_steps(ocfg: OptimConfig, total: int) -> int:
     w = float(ocfg.warmup)
     return max(1, int(round(w * total)) if w < 1 else int(w))
-
-
-def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(
-            f"{what}: the loss is {loss.item()} at step {step}; lower the learning rate (optim.lr) or "
-            f"raise the warmup, then rerun (the run resumes from its last checkpoint)"
-        )
 
 
 class LossLog:
@@ -217,30 +215,19 @@ class LossLog:
         return png
 
 
-def save_state(path: Path, **state) -> None:
-    state["rng"] = rng_state()
-    torch_save_atomic(state, path)
-
-
-def load_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    set_rng_state(state["rng"])
-    return state
-
-
 # ------------------------------------------------------------------------------------------- run folders
-def run_dir(cfg: DictConfig, kind: str) -> Path:
+def run_dir(cfg, kind: str) -> Path:
     """cfg.run_dir if set (pass an old run's folder to resume it), else Hydra's output folder, else
     outputs/<kind>/<timestamp>."""
     from qspeech.config import output_dir
 
-    given = Path(str(cfg.run_dir)).expanduser() if cfg.get("run_dir") else None
+    given = Path(str(cfg.run_dir)).expanduser() if cfg.run_dir else None
     return output_dir(given, default=REPO_ROOT / "outputs" / kind / time.strftime("%Y-%m-%d/%H-%M-%S"))
 
 
-def start_run(cfg: DictConfig, kind: str) -> tuple[Path, float]:
+def start_run(cfg, kind: str) -> tuple[Path, float]:
     """Threads, seeds, the run folder with its config.yaml: what every pretraining command starts with."""
-    set_threads(cfg.get("threads"))
+    set_threads(cfg.threads)
     seed_everything(int(cfg.seed))
     run = run_dir(cfg, kind)
     save_config(cfg, run / "config.yaml")
@@ -248,11 +235,11 @@ def start_run(cfg: DictConfig, kind: str) -> tuple[Path, float]:
     return run, time.time()
 
 
-def save_config(cfg: DictConfig, path: Path) -> None:
+def save_config(cfg, path: Path) -> None:
     write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def finish_run(cfg: DictConfig, kind: str, run: Path, summary: dict, card: str, checkpoint: Path) -> dict:
+def finish_run(cfg, kind: str, run: Path, summary: dict, card: str, checkpoint: Path) -> dict:
     """summary.json and the model card in the run folder; with cfg.install, both installed into
     qspeech/assets/. What every pretraining command ends with."""
     from qspeech.pretrain import cards
@@ -260,7 +247,7 @@ def finish_run(cfg: DictConfig, kind: str, run: Path, summary: dict, card: str, 
     write_json_atomic(run / "summary.json", summary)
     card_path = run / f"{cfg.model.name}.md"
     write_text_atomic(card_path, card)
-    if cfg.get("install"):
+    if cfg.install:
         summary["installed"] = [str(x) for x in cards.install(checkpoint, card_path, str(cfg.model.asset))]
         write_json_atomic(run / "summary.json", summary)
     print(f"[{kind}] done in {summary['wall_s'] / 60:.1f} min: {checkpoint} "
@@ -289,13 +276,6 @@ def save_s3prl(state: dict, path: Path, fp16: bool) -> Path:
     return torch_save_atomic(half_state(state) if fp16 else state, path)
 
 
-def require_positive(node: DictConfig, keys: list[str], where: str) -> None:
-    for k in keys:
-        v = node.get(k)
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise ConfigError(f"{where}.{k}={v} must be a number > 0")
-
-
 def command_line(kind: str, overrides: list[str] | None = None) -> str:
     return " ".join(["qspeech", kind, *(overrides or [])])
 
@@ -315,96 +295,70 @@ def env_info() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
-def train_loop(
-    stage: str,
-    model: torch.nn.Module,
-    step_fn,
-    total: int,
-    ocfg: DictConfig,
-    state_path: Path,
-    log: LossLog,
-    log_every: int,
-    ckpt_every: int,
-    global_offset: int = 0,
-    resume: bool = True,
-    progress: bool = True,
-    _stop_after: int | None = None,
-) -> dict:
-    """A plain loop: AdamW, linear warmup + linear decay, gradient clipping, loss.csv every `log_every`
-    steps, a resumable state (model, optimizer, RNG, step, wall time) every `ckpt_every` steps.
+class PretrainJob(Job):
+    """A pretraining step function as the loop's job: AdamW over the trainable parameters, numpy's global RNG
+    seeded from (stage, step) before each step (HuBERT draws its masks from it), loss.csv rows."""
 
-    step_fn(step) -> (loss tensor, {metric: float}); returns {"steps", "wall_s" (all invocations),
-    "wall_this_s", "last": averaged metrics of the last log interval, "first": those of the first one}.
-    _stop_after (tests): return after that many steps as if interrupted.
+    def __init__(self, stage: str, model: torch.nn.Module, step_fn, ocfg, log: LossLog, global_offset: int,
+                 total: int):
+        self.stage, self.model, self.step_fn, self.loss_log = stage, model, step_fn, log
+        self.optimizer = make_optimizer(model, ocfg)
+        self.global_offset, self.total, self.first = global_offset, total, None
+        self.tty = os.isatty(2)
+
+    def step(self, index: int) -> Step:
+        np.random.seed((zlib.crc32(self.stage.encode()) + 1_000_003 * index) % 2**32)  # masks: fixed by the step
+        loss, metrics = self.step_fn(index)
+        return Step(loss, metrics)
+
+    def log(self, step: int, averages: dict[str, float], lr: float, wall_s: float) -> dict:
+        self.first = self.first or averages
+        self.loss_log.append({"stage": self.stage, "step": step, "global_step": self.global_offset + step,
+                              "lr": f"{lr:.3e}", "wall_s": f"{wall_s:.1f}",
+                              **{k: f"{v:.5g}" for k, v in averages.items()}})
+        if not self.tty:
+            print(f"[{self.stage}] step {step}/{self.total} " + " ".join(f"{k}={v:.4g}" for k, v in averages.items())
+                  + f" lr={lr:.2e} {wall_s / 60:.1f} min", flush=True)
+        return {k: f"{averages[k]:.3f}" for k in list(averages)[:3]}
+
+    def state(self) -> dict:
+        return {"first": self.first}
+
+    def load(self, state: dict) -> None:
+        self.first = state.get("first")
+        self.loss_log.truncate(self.stage, int(state["step"]))
+        print(f"[{self.stage}] resumed at step {state['step']}/{self.total}", flush=True)
+
+
+def train_loop(stage: str, model: torch.nn.Module, step_fn, total: int, ocfg, state_path: Path, log: LossLog,
+               log_every: int, ckpt_every: int, global_offset: int = 0, resume: bool = True, progress: bool = True,
+               _stop_after: int | None = None) -> dict:
+    """Train `model` with step_fn(step) -> (loss tensor, {metric: float}) on the one loop (qspeech.loop):
+    AdamW, linear warmup + linear decay, gradient clipping, loss.csv every `log_every` steps, the resumable
+    state every `ckpt_every` steps.
+
+    Returns {"steps", "wall_s" (all invocations), "wall_this_s", "last": averaged metrics of the last log
+    interval, "first": those of the first one}. _stop_after (tests): return after that many steps as if
+    interrupted.
     """
-    from tqdm import tqdm
-
-    from qspeech.train import linear_warmup_decay
-
-    opt = make_optimizer(model, ocfg)
+    job = PretrainJob(stage, model, step_fn, ocfg, log, global_offset, total)
     warm = warmup_steps(ocfg, total)
-    start, wall, first = 0, 0.0, None
-    if resume and state_path.exists():
-        st = load_state(state_path)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        start, wall, first = int(st["step"]), float(st["wall_s"]), st.get("first")
-        log.truncate(stage, start)
-        print(f"[{stage}] resumed at step {start}/{total} from {state_path}", flush=True)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    acc: dict[str, float] = {}
-    n_acc, last = 0, {}
-    t_last = t0 = time.time()
-    tty = os.isatty(2)
-    bar = tqdm(total=total, initial=start, desc=stage, disable=not progress, mininterval=1 if tty else 30,
-               dynamic_ncols=True)
-    for step in range(start, total):
-        lr = linear_warmup_decay(float(ocfg.lr), step, total, warm)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        np.random.seed((zlib.crc32(stage.encode()) + 1_000_003 * step) % 2**32)  # masks: fixed by the step
-        loss, metrics = step_fn(step)
-        check_finite(loss, step, stage)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, float(ocfg.grad_clip))
-        opt.step()
-        metrics = {"loss": float(loss.detach()), **metrics, "grad_norm": float(gnorm)}
-        for k, v in metrics.items():
-            acc[k] = acc.get(k, 0.0) + v
-        n_acc += 1
-        bar.update(1)
-        done = step + 1
-        if done % log_every == 0 or done == total:
-            now = time.time()
-            wall += now - t_last
-            t_last = now
-            last = {k: v / n_acc for k, v in acc.items()}
-            first = first or last
-            log.append({"stage": stage, "step": done, "global_step": global_offset + done, "lr": f"{lr:.3e}",
-                        "wall_s": f"{wall:.1f}", **{k: f"{v:.5g}" for k, v in last.items()}})
-            bar.set_postfix({k: f"{last[k]:.3f}" for k in list(last)[:3]}, refresh=False)
-            if not tty:
-                print(f"[{stage}] step {done}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in last.items())
-                      + f" lr={lr:.2e} {wall / 60:.1f} min", flush=True)
-            acc, n_acc = {}, 0
-        if done % ckpt_every == 0 or done == total:
-            save_state(state_path, model=model.state_dict(), optimizer=opt.state_dict(), step=done, wall_s=wall,
-                       first=first)
-        if _stop_after is not None and done >= _stop_after:
-            break
-    bar.close()
-    if start >= total and state_path.exists():
-        wall = float(torch.load(state_path, map_location="cpu", weights_only=True)["wall_s"])
+    res = run(job, LoopConfig(
+        total=total, desc=stage, schedule=lambda lr, step: linear_warmup_decay(lr, step, total, warm),
+        grad_clip=float(ocfg.grad_clip), log_every=log_every, ckpt_every=ckpt_every, state_path=state_path,
+        resume=resume, progress=progress, stop_after=_stop_after,
+        hint="lower the learning rate (optim.lr) or raise the warmup, then rerun (the run resumes from its last "
+             "checkpoint)"))
+    last = res.last
     rows = [r for r in log.rows() if r["stage"] == stage]
     if rows and not last:
         last = {k: float(v) for k, v in rows[-1].items() if k not in ("stage", "step", "global_step", "lr", "wall_s") and v}
-    return {"steps": total, "wall_s": wall, "wall_this_s": time.time() - t0, "first": first, "last": last}
+    return {"steps": total, "wall_s": res.wall_s, "wall_this_s": res.wall_this_s, "first": job.first, "last": last}
 
 
 @torch.no_grad()
-def verify_checkpoint(model_cfg: DictConfig, fp32_state: dict, path: Path, arch: str, fp16: bool,
+def verify_checkpoint(model_cfg: ModelConfig, fp32_state: dict, path: Path, arch: str, fp16: bool,
                       seconds: float = 1.5) -> dict:
     """Load `path` through build_upstream (model.ckpt=path) and compare its hidden states with those of the
     trained model (`fp32_state`, an s3prl checkpoint dict; rounded to fp16 when the file is fp16): they
@@ -412,13 +366,11 @@ def verify_checkpoint(model_cfg: DictConfig, fp32_state: dict, path: Path, arch:
     from qspeech.upstream import Upstream, UpstreamSpec, build_upstream
     from qspeech.upstream.builders import build_from_state
 
-    cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    cfg.update(ckpt=str(path), init="pretrained")
-    loaded = build_upstream(cfg)
+    loaded = build_upstream(dataclasses.replace(model_cfg, ckpt=str(path), init="pretrained"))
 
     def ref(rounded: bool) -> Upstream:
         model, normalize = build_from_state(arch, half_state(fp32_state) if rounded else fp32_state)
-        return Upstream(model, UpstreamSpec(cfg["name"], arch, cfg.get("arch_cfg") or {}), normalize)
+        return Upstream(model, UpstreamSpec(model_cfg.name, arch, model_cfg.arch_cfg), normalize)
 
     g = torch.Generator().manual_seed(0)
     wav = torch.randn(2, int(seconds * SAMPLE_RATE), generator=g) * 0.1

@@ -13,17 +13,19 @@ Rerunning with run_dir=<that folder> resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
 from qspeech.errors import ConfigError
 from qspeech.pretrain import cards, common
-from qspeech.pretrain.features import conv_layers, num_frames, receptive_field
+from qspeech.pretrain.config import IterationConfig, PretrainConfig, PretrainRunConfig
+from qspeech.pretrain.mfcc import conv_layers, num_frames, receptive_field
 from qspeech.pretrain.labels import (assign, fit_kmeans, hidden_features, label_stats, load_labels,
                                      mfcc_features, save_labels)
 
@@ -88,41 +90,8 @@ def s3prl_state(model, model_cfg: dict, n_clusters: int, hop: int) -> dict:
                                                 "dictionaries_symbols": [list(range(n_clusters))]})
 
 
-def load_s3prl(path: Path) -> torch.nn.Module:
-    from qspeech.upstream.builders import build_from_state
-
-    return build_from_state("hubert", torch.load(path, map_location="cpu", weights_only=True))[0]
-
-
-# ----------------------------------------------------------------------------------------------- config
-def validate(cfg: DictConfig) -> None:
-    p = cfg.get("pretrain")
-    if p is None or cfg.get("model") is None:
-        raise ConfigError("qspeech pretrain needs the pretrain and model groups (conf/pretrain.yaml)")
-    if cfg.model.arch != "hubert":
-        raise ConfigError(f"qspeech pretrain trains HuBERT models; model={cfg.model.name} is a {cfg.model.arch}")
-    common.require_positive(p, ["batch_size", "crop_seconds", "log_every", "ckpt_every"], "pretrain")
-    common.require_positive(p.optim, ["lr", "warmup", "grad_clip"], "pretrain.optim")
-    its = p.get("iterations") or []
-    if not its:
-        raise ConfigError("pretrain.iterations is empty; give at least one {targets: mfcc, clusters, steps}")
-    for i, it in enumerate(its):
-        where = f"pretrain.iterations[{i}]"
-        common.require_positive(it, ["clusters", "steps"], where)
-        if it.targets not in ("mfcc", "hidden", "teacher"):
-            raise ConfigError(f"{where}.targets={it.targets}: choose mfcc, hidden or teacher")
-        if it.targets == "hidden":
-            if i == 0:
-                raise ConfigError(f"{where}: hidden-layer targets need a previous iteration")
-            n_layers = int(cfg.model.arch_cfg.get("encoder_layers", 12))
-            if not 1 <= int(it.layer) <= n_layers:
-                raise ConfigError(f"{where}.layer={it.layer} must be in 1..{n_layers}")
-        if it.get("init", "scratch") not in ("scratch", "previous") or (i == 0 and it.get("init") == "previous"):
-            raise ConfigError(f"{where}.init={it.get('init')}: choose scratch (or previous after iteration 1)")
-
-
 # ----------------------------------------------------------------------------------------------- labels
-def make_labels(corpus, it: DictConfig, prev_model, p: DictConfig, layers, seed: int, path: Path, threads: int = 1):
+def make_labels(corpus, it: IterationConfig, prev_model, p: PretrainConfig, layers, seed: int, path: Path, threads: int = 1):
     ids = [c.utt_id for c in corpus.clips]
     if path.exists():
         loaded = load_labels(path, ids)
@@ -136,7 +105,7 @@ def make_labels(corpus, it: DictConfig, prev_model, p: DictConfig, layers, seed:
     elif it.targets == "teacher":
         from qspeech.pretrain.teacher import WhisperEncoder, teacher_features
 
-        enc = WhisperEncoder((p.get("teacher") or {}).get("model_dir"), threads)
+        enc = WhisperEncoder(p.teacher.model_dir, threads)
         feats = teacher_features(corpus, lambda n: num_frames(n, layers), enc)
         extra = {"teacher": "whisper tiny.en encoder (CTranslate2)", "teacher_sha256": enc.sha256()}
     else:
@@ -151,91 +120,135 @@ def make_labels(corpus, it: DictConfig, prev_model, p: DictConfig, layers, seed:
 
 
 # ------------------------------------------------------------------------------------------------- main
-def main(cfg: DictConfig) -> dict:
-    """Run HuBERT pretraining as configured by conf/pretrain.yaml; returns the summary dict."""
-    validate(cfg)
-    p = cfg.pretrain
-    run, t_start = common.start_run(cfg, KIND)
+@dataclass
+class PretrainRun:
+    """What the iterations of one pretraining run share."""
 
-    arch_cfg = OmegaConf.to_container(cfg.model.arch_cfg, resolve=True)
+    cfg: PretrainRunConfig
+    folder: Path
+    arch_cfg: dict
+    train_cfg: dict  # HubertConfig's training fields (masking, dropout, ...)
+    layers: list  # the CNN's (channels, kernel, stride)
+    hop: int  # samples per frame
+    crop: int  # samples per training crop
+    corpus: common.Corpus
+    log: common.LossLog
+
+
+def setup(cfg: PretrainRunConfig, folder: Path) -> PretrainRun:
+    """The CNN's framing, the corpus and the loss log of a run."""
+    p = cfg.pretrain
+    arch_cfg = dict(cfg.model.arch_cfg)
     layers = conv_layers(str(arch_cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")))
     window, hop = receptive_field(layers)
     crop = int(float(p.crop_seconds) * common.SAMPLE_RATE)
     corpus = common.load_corpus(cfg, p, max(window + 4 * hop, int(float(p.min_seconds) * common.SAMPLE_RATE)))
     print(f"[pretrain] corpus: {corpus.description}: {len(corpus)} utterances, {corpus.hours:.2f} h", flush=True)
-    train_cfg = OmegaConf.to_container(p.hubert, resolve=True)
-    train_cfg["skip_nomask"] = float(p.loss.get("nomask_weight", 0.0)) <= 0
-    log = common.LossLog(run / "loss.csv", ["stage", "step", "global_step", "lr", "wall_s", "loss", "ce_m", "acc_m",
-                                            "ce_u", "acc_u", "feat_pen", "masked_frac", "grad_norm"])
-    iterations, prev, offset, accounted = [], None, 0, 0.0
-    for i, it in enumerate(p.iterations):
-        name = str(it.get("name") or f"it{i + 1}")
-        d = run / name
-        d.mkdir(exist_ok=True)
-        k = int(it.clusters)
-        sub = corpus
-        if it.get("max_utts") and int(it.max_utts) < len(corpus):  # e.g. to bound hidden-feature extraction
-            rng = np.random.default_rng([int(cfg.seed), i])
-            sub = corpus.subset(sorted(rng.choice(len(corpus), int(it.max_utts), replace=False).tolist()))
-        labels, stats, fresh = make_labels(sub, it, prev, p, layers, int(cfg.seed) + i, d / "labels.npz",
-                                           int(cfg.get("threads") or 1))
-        for lab, n in zip(labels, sub.lengths):
-            assert len(lab) == num_frames(int(n), layers), "labels must match the CNN's frames"
-        mcfg = model_config(arch_cfg, train_cfg, hop)
-        torch.manual_seed(int(cfg.seed) + 1000 * i)
-        model = build_model(mcfg, k, hop)
-        init_label_embeddings(model, str(p.get("label_emb_init", "uniform")))
-        if it.get("init", "scratch") == "previous":
-            sd = {n_: t for n_, t in prev.state_dict().items() if n_ != "label_embs_concat"}
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            assert missing == ["label_embs_concat"] and not unexpected, (missing, unexpected)
-        batches = common.CropBatches(sub.lengths, int(p.batch_size), crop, hop, int(cfg.seed) * 7919 + i)
+    train_cfg = dataclasses.asdict(p.hubert)
+    train_cfg["skip_nomask"] = p.loss.nomask_weight <= 0
+    log = common.LossLog(folder / "loss.csv", ["stage", "step", "global_step", "lr", "wall_s", "loss", "ce_m", "acc_m",
+                                               "ce_u", "acc_u", "feat_pen", "masked_frac", "grad_norm"])
+    return PretrainRun(cfg, folder, arch_cfg, train_cfg, layers, hop, crop, corpus, log)
 
-        def step_fn(step, model=model, batches=batches, labels=labels, sub=sub):
-            wavs, idx, length, starts = batches.waves(sub, step)
-            n = num_frames(length, layers)
-            tg = np.stack([labels[j][s // hop : s // hop + n] for j, s in zip(idx, starts)]).astype(np.int64)
-            return masked_prediction_loss(model, wavs, torch.from_numpy(tg), float(p.loss.features_pen),
-                                          float(p.loss.get("masked_weight", 1.0)), float(p.loss.get("nomask_weight", 0.0)))
 
-        final = d / "hubert.pt"
-        res = common.train_loop(name, model, step_fn, int(it.steps), p.optim, d / "state.pt", log,
-                                int(p.log_every), int(p.ckpt_every), offset)  # resumes / returns if done
-        if not final.exists():
-            common.save_s3prl(s3prl_state(model, mcfg, k, hop), final, fp16=False)
-        accounted += res["wall_this_s"] + (stats["seconds"] if fresh else 0.0)
-        model.eval()
-        offset += int(it.steps)
-        iterations.append({"name": name, "targets": str(it.targets), "layer": it.get("layer"), "clusters": k,
-                           "init": str(it.get("init", "scratch")), "steps": int(it.steps), "labels": stats,
-                           "utterances": len(sub), "checkpoint": str(final),
-                           "first": res["first"], "final": res["last"], "train_wall_s": round(res["wall_s"], 1)})
-        prev = model
-        log.plot(run / "loss.png", ["ce_m", "acc_m"], f"HuBERT pretraining: {cfg.model.name}")
+def iteration_model(r: PretrainRun, i: int, it: IterationConfig, prev) -> tuple[torch.nn.Module, dict]:
+    """Iteration i's model (seeded by the iteration) and its HubertConfig; init=previous starts from the
+    previous iteration's weights (all but the label embeddings)."""
+    mcfg = model_config(r.arch_cfg, r.train_cfg, r.hop)
+    torch.manual_seed(int(r.cfg.seed) + 1000 * i)
+    model = build_model(mcfg, int(it.clusters), r.hop)
+    init_label_embeddings(model, r.cfg.pretrain.label_emb_init)
+    if it.init == "previous":
+        sd = {n_: t for n_, t in prev.state_dict().items() if n_ != "label_embs_concat"}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        assert missing == ["label_embs_concat"] and not unexpected, (missing, unexpected)
+    return model, mcfg
 
-    # The shipped checkpoint: the last (or pretrain.ship) iteration's model, fp16 when asked, checked
-    # through build_upstream.
-    ship = str(p.get("ship") or iterations[-1]["name"])
-    shipped = next((it for it in iterations if it["name"] == ship), None)
+
+def train_iteration(r: PretrainRun, i: int, it: IterationConfig, prev, offset: int) -> tuple[dict, torch.nn.Module, float]:
+    """Labels, model and training of iteration i (each resumes or is skipped when done); returns its record,
+    its model and the seconds this invocation spent on it."""
+    cfg, p = r.cfg, r.cfg.pretrain
+    name = it.name or f"it{i + 1}"
+    d = r.folder / name
+    d.mkdir(exist_ok=True)
+    k = int(it.clusters)
+    sub = r.corpus
+    if it.max_utts and it.max_utts < len(r.corpus):  # e.g. to bound hidden-feature extraction
+        rng = np.random.default_rng([int(cfg.seed), i])
+        sub = r.corpus.subset(sorted(rng.choice(len(r.corpus), int(it.max_utts), replace=False).tolist()))
+    labels, stats, fresh = make_labels(sub, it, prev, p, r.layers, int(cfg.seed) + i, d / "labels.npz",
+                                       cfg.threads or 1)
+    for lab, n in zip(labels, sub.lengths):
+        assert len(lab) == num_frames(int(n), r.layers), "labels must match the CNN's frames"
+    model, mcfg = iteration_model(r, i, it, prev)
+    batches = common.CropBatches(sub.lengths, int(p.batch_size), r.crop, r.hop, int(cfg.seed) * 7919 + i)
+
+    def step_fn(step):
+        wavs, idx, length, starts = batches.waves(sub, step)
+        n = num_frames(length, r.layers)
+        tg = np.stack([labels[j][s // r.hop : s // r.hop + n] for j, s in zip(idx, starts)]).astype(np.int64)
+        return masked_prediction_loss(model, wavs, torch.from_numpy(tg), float(p.loss.features_pen),
+                                      p.loss.masked_weight, p.loss.nomask_weight)
+
+    final = d / "hubert.pt"
+    res = common.train_loop(name, model, step_fn, int(it.steps), p.optim, d / "state.pt", r.log,
+                            int(p.log_every), int(p.ckpt_every), offset)  # resumes / returns if done
+    if not final.exists():
+        common.save_s3prl(s3prl_state(model, mcfg, k, r.hop), final, fp16=False)
+    model.eval()
+    record = {"name": name, "targets": it.targets, "layer": it.layer, "clusters": k,
+              "init": it.init, "steps": int(it.steps), "labels": stats,
+              "utterances": len(sub), "checkpoint": str(final),
+              "first": res["first"], "final": res["last"], "train_wall_s": round(res["wall_s"], 1)}
+    return record, model, res["wall_this_s"] + (stats["seconds"] if fresh else 0.0)
+
+
+def ship(r: PretrainRun, iterations: list[dict]) -> tuple[Path, dict, dict]:
+    """The shipped checkpoint: the last (or pretrain.ship) iteration's model, fp16 when asked, checked through
+    build_upstream. Returns its path, its fp32 state and the check."""
+    p = r.cfg.pretrain
+    name = p.ship or iterations[-1]["name"]
+    shipped = next((it for it in iterations if it["name"] == name), None)
     if shipped is None:
-        raise ConfigError(f"pretrain.ship={ship}: no such iteration ({', '.join(it['name'] for it in iterations)})")
+        raise ConfigError(f"pretrain.ship={name}: no such iteration ({', '.join(it['name'] for it in iterations)})")
     shipped["shipped"] = True
-    out = run / f"{cfg.model.name}.pt"
+    out = r.folder / f"{r.cfg.model.name}.pt"
     state = torch.load(shipped["checkpoint"], map_location="cpu", weights_only=True)
     common.save_s3prl(state, out, fp16=bool(p.fp16_asset))
-    check = common.verify_checkpoint(cfg.model, state, out, "hubert", bool(p.fp16_asset))
-    summary = {
+    return out, state, common.verify_checkpoint(r.cfg.model, state, out, "hubert", bool(p.fp16_asset))
+
+
+def summarize(r: PretrainRun, iterations: list[dict], out: Path, state: dict, check: dict, other_s: float) -> dict:
+    """summary.json's content; other_s: this invocation's seconds outside training and labelling."""
+    cfg, p = r.cfg, r.cfg.pretrain
+    return {
         "model": cfg.model.name, "arch": "hubert", "checkpoint": str(out), "bytes": out.stat().st_size,
-        "fp16": bool(p.fp16_asset), "params": sum(t.numel() for t in state["model_weight"].values()), "shipped": ship,
-        "corpus": {"source": corpus.description, "utterances": len(corpus), "hours": round(corpus.hours, 3)},
+        "fp16": bool(p.fp16_asset), "params": sum(t.numel() for t in state["model_weight"].values()),
+        "shipped": next(it["name"] for it in iterations if it.get("shipped")),
+        "corpus": {"source": r.corpus.description, "utterances": len(r.corpus), "hours": round(r.corpus.hours, 3)},
         "seed": int(cfg.seed), "batch_size": int(p.batch_size), "crop_seconds": float(p.crop_seconds),
         "iterations": iterations,
-        "wall_s": round(sum(it["train_wall_s"] + it["labels"]["seconds"] for it in iterations)
-                        + max(0.0, time.time() - t_start - accounted), 1),
+        "wall_s": round(sum(it["train_wall_s"] + it["labels"]["seconds"] for it in iterations) + max(0.0, other_s), 1),
         "train_wall_s": round(sum(it["train_wall_s"] for it in iterations), 1), "check": check,
-        "command": cfg.get("command_line") or common.command_line(KIND, common.hydra_overrides()),
-        "env": common.env_info(), "run_dir": str(run), "arch_cfg": arch_cfg, "train_cfg": train_cfg,
-        "optim": OmegaConf.to_container(p.optim, resolve=True),
-        "loss": OmegaConf.to_container(p.loss, resolve=True), "label_emb_init": str(p.get("label_emb_init", "uniform")),
+        "command": cfg.command_line or common.command_line(KIND, common.hydra_overrides()),
+        "env": common.env_info(), "run_dir": str(r.folder), "arch_cfg": r.arch_cfg, "train_cfg": r.train_cfg,
+        "optim": dataclasses.asdict(p.optim), "loss": dataclasses.asdict(p.loss), "label_emb_init": p.label_emb_init,
     }
-    return common.finish_run(cfg, KIND, run, summary, cards.hubert_card(summary), out)
+
+
+def main(cfg: PretrainRunConfig) -> dict:
+    """Run HuBERT pretraining as configured by conf/pretrain.yaml (typed: qspeech.config.to_typed); returns the
+    summary dict."""
+    folder, t_start = common.start_run(cfg, KIND)
+    r = setup(cfg, folder)
+    iterations, prev, offset, accounted = [], None, 0, 0.0
+    for i, it in enumerate(cfg.pretrain.iterations):
+        record, prev, seconds = train_iteration(r, i, it, prev, offset)
+        iterations.append(record)
+        offset += int(it.steps)
+        accounted += seconds
+        r.log.plot(folder / "loss.png", ["ce_m", "acc_m"], f"HuBERT pretraining: {cfg.model.name}")
+    out, state, check = ship(r, iterations)
+    summary = summarize(r, iterations, out, state, check, time.time() - t_start - accounted)
+    return common.finish_run(cfg, KIND, folder, summary, cards.hubert_card(summary), out)

@@ -1,5 +1,5 @@
 """HuBERT's pseudo-labels: k-means units of MFCCs (iteration 1) or of a hidden layer (later iterations),
-one label per 20 ms frame of the upstream (see features.py for the frame alignment)."""
+one label per 20 ms frame of the upstream (see mfcc.py for the frame alignment)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qspeech.pretrain.features import mfcc
+from qspeech.pretrain.mfcc import mfcc
 
 
 def mfcc_features(corpus, window: int, hop: int, mcfg) -> list[np.ndarray]:

@@ -1,11 +1,16 @@
-"""Low-bit fake quantization of upstream weights (rtn, kmeans, lsq, bit) and QAT by distillation.
+"""The quantization core: low-bit fake quantization of a model's weights (rtn, kmeans, lsq, bit), one module
+per method found through a registry, bit packing and storage rounding. Imports only torch/numpy and
+qspeech's leaves; QAT orchestration (qspeech.qat) and the packed file (qspeech.export) build on it.
 
-    from qspeech.quant import QuantConfig, quantize_, prepare_quantized_upstream
+    from qspeech.quant import QuantConfig, quantize_
     quantize_(upstream.model, QuantConfig(method="rtn"), bits=4)   # in place, returns the model
 """
 
+import qspeech.quant.methods  # noqa: F401 - registers the built-in methods first
 from qspeech.quant.api import (
+    clone_model,
     dequantize_parts,
+    make_weight_quantizer,
     quantize_,
     quantized_modules,
     quantized_weight_parts,
@@ -13,7 +18,6 @@ from qspeech.quant.api import (
     weight_quantizer,
 )
 from qspeech.quant.config import (
-    METHODS,
     QuantConfig,
     as_quant_config,
     overhead_values,
@@ -21,23 +25,35 @@ from qspeech.quant.config import (
     supported_bits,
     validate_quant_config,
 )
-from qspeech.quant.distill import clone_upstream, distill_loss, hidden_state_error, prepare_quantized_upstream, quant_cache_key
+from qspeech.quant.methods.bit import BitConfig
+from qspeech.quant.methods.kmeans import KMeansConfig
+from qspeech.quant.methods.lsq import LSQConfig
+from qspeech.quant.methods.rtn import RTNConfig
+from qspeech.quant.packing import is_storage_exact, round_to_storage_
+from qspeech.quant.registry import QuantMethod, get_method, method_names, quant_schemas, register
 
 __all__ = [
-    "METHODS",
+    "BitConfig",
+    "KMeansConfig",
+    "LSQConfig",
     "QuantConfig",
+    "QuantMethod",
+    "RTNConfig",
     "as_quant_config",
-    "clone_upstream",
+    "clone_model",
     "dequantize_parts",
-    "distill_loss",
-    "hidden_state_error",
+    "get_method",
+    "is_storage_exact",
+    "make_weight_quantizer",
+    "method_names",
     "overhead_values",
-    "prepare_quantized_upstream",
-    "quant_cache_key",
+    "quant_schemas",
     "quantize_",
     "quantized_modules",
     "quantized_weight_parts",
+    "register",
     "remove_quantization_",
+    "round_to_storage_",
     "supported_act_bits",
     "supported_bits",
     "validate_quant_config",

@@ -2,45 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from qspeech.quant.config import as_quant_config, validate_quant_config
-from qspeech.quant.modules import (
-    ActQuantizer,
-    BinaryWeight,
-    BitMultiWeight,
-    KMeansWeight,
-    LSQWeight,
-    RTNWeight,
-    WeightQuantizer,
-    dequantize_parts,
-    input_quant_hook,
-)
+from qspeech.quant.formats import dequantize_parts
+from qspeech.quant.modules import ActQuantizer, WeightQuantizer, input_quant_hook
+from qspeech.quant.registry import get_method
 from qspeech.quant.targets import select_targets
 
 
 def inner_model(model: nn.Module) -> nn.Module:
-    """The s3prl model of an Upstream (module names as select_targets sees them), else the model itself."""
-    from qspeech.upstream import Upstream
-
-    return model.model if isinstance(model, Upstream) else model
+    """The module whose submodule names select_targets sees: a wrapper's `.model` when it holds one (qspeech's
+    Upstream keeps the s3prl model there), else the module itself."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def make_weight_quantizer(cfg, w: torch.Tensor, bits: int) -> WeightQuantizer:
+    """The method's parametrization for weight `w` at `bits` (see qspeech.quant.registry)."""
     cfg = as_quant_config(cfg)
-    if cfg.method == "rtn":
-        return RTNWeight(w, bits, cfg.granularity, cfg.group_size, cfg.symmetric, cfg.clip)
-    if cfg.method == "kmeans":
-        return KMeansWeight(w, bits, cfg.granularity, cfg.iters, cfg.seed)
-    if cfg.method == "lsq":
-        return LSQWeight(w, bits, cfg.granularity, cfg.group_size)
-    if cfg.method == "bit":
-        if bits == 1:
-            return BinaryWeight(w, cfg.granularity, cfg.group_size)
-        return BitMultiWeight(w, bits, cfg.granularity, cfg.group_size)
-    raise ValueError(cfg.method)
+    return get_method(cfg.method).make_weight_quantizer(cfg, w, int(bits))
 
 
 def weight_quantizer(module: nn.Module) -> WeightQuantizer | None:
@@ -60,11 +46,20 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def remove_weight_norm(module: nn.Module) -> None:
     # s3prl's pos_conv uses the hook-based nn.utils.weight_norm, which reassigns .weight every forward.
-    from torch.nn.utils.weight_norm import WeightNorm
-
     for hook in list(module._forward_pre_hooks.values()):
         if isinstance(hook, WeightNorm):
             torch.nn.utils.remove_weight_norm(module, hook.name)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """deepcopy that also works with the hook-based weight_norm (whose cached .weight is not a leaf): the
+    copy to quantize, or a frozen teacher."""
+    with torch.no_grad():
+        for m in model.modules():
+            for hook in m._forward_pre_hooks.values():
+                if isinstance(hook, WeightNorm):
+                    setattr(m, hook.name, hook.compute_weight(m))
+    return copy.deepcopy(model)
 
 
 def force_projection_calls(model: nn.Module, names) -> None:
@@ -81,12 +76,13 @@ def force_projection_calls(model: nn.Module, names) -> None:
 def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
     """Fake-quantize, in place, the modules that select_targets picks for (cfg, bits); returns model.
 
-    Accepts the s3prl model or an Upstream (its .model is quantized). Modules that already carry a
+    Accepts the s3prl model or a wrapper holding it as `.model` (an Upstream). Modules that already carry a
     qspeech quantizer are left as they are, so applying it twice changes nothing. bits=32 with no
     overrides below 32 quantizes nothing.
     """
     inner = inner_model(model)
     cfg = validate_quant_config(cfg, bits, model=inner)
+    method = get_method(cfg.method)
     chosen = select_targets(inner, int(bits), cfg.targets, cfg.exclude, cfg.overrides)
     mods = dict(inner.named_modules())
     for name, b in chosen.items():
@@ -94,10 +90,10 @@ def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
         if weight_quantizer(module) is not None:
             continue
         remove_weight_norm(module)
-        q = make_weight_quantizer(cfg, module.weight.detach(), b)
+        q = method.make_weight_quantizer(cfg, module.weight.detach(), b)
         parametrize.register_parametrization(module, "weight", q)
         if cfg.act_bits is not None:
-            module.input_quant = ActQuantizer(int(cfg.act_bits), elastic=cfg.method == "bit")
+            module.input_quant = ActQuantizer(int(cfg.act_bits), elastic=method.elastic_act)
             module.register_forward_pre_hook(input_quant_hook)
     if cfg.act_bits is not None:
         force_projection_calls(inner, chosen)
@@ -145,6 +141,6 @@ def quantized_weight_parts(module: nn.Module) -> dict:
     return parts
 
 
-__all__ = ["quantize_", "remove_quantization_", "quantized_modules", "quantized_weight_parts", "weight_quantizer",
-           "inner_model", "remove_weight_norm", "force_projection_calls",
-           "dequantize_parts", "make_weight_quantizer"]
+__all__ = ["clone_model", "dequantize_parts", "force_projection_calls", "inner_model", "make_weight_quantizer",
+           "quantize_", "quantized_modules", "quantized_weight_parts", "remove_quantization_", "remove_weight_norm",
+           "weight_quantizer"]

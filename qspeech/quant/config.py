@@ -1,54 +1,56 @@
-"""The `quant` config group: schema, validation, supported bits and storage overhead per weight tensor."""
+"""The `quant` config group: QuantConfig (the fields every method shares), its checks, and what depends on a
+method's registered facts: supported bits and the storage overhead per weight tensor.
+
+Each method's config class (RTNConfig, ...) is a subclass in qspeech/quant/methods/<name>.py whose defaults
+are conf/quant/<name>.yaml; `QuantConfig(method="rtn", ...)` builds that class, so a config made in Python
+and one composed from the YAML agree. Checks that need no model run when the object is made
+(__post_init__); validate_quant_config adds the bits and the model-dependent ones (group sizes).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from qspeech.checks import FieldError, choice, integer, need, number, typed
 from qspeech.errors import ConfigError
-from qspeech.quant.targets import check_targets
+from qspeech.quant.registry import get_method
+from qspeech.quant.targets import check_targets, select_targets
 
-METHODS = ("rtn", "kmeans", "lsq", "bit")
-PTQ_METHODS = ("rtn", "kmeans")
-QAT_METHODS = ("lsq", "bit")
 GRANULARITIES = ("tensor", "channel", "group")
 DISTILL_LOSSES = ("l1_cos", "mse")
 CLIPS = ("minmax", "mse")
-
-_WEIGHT_BITS = {
-    "rtn": {1, 2, 3, 4, 8, 16},
-    "kmeans": {1, 2, 3, 4, 8},
-    "lsq": {2, 3, 4, 8},
-    "bit": {1, 2},
-}
-_ACT_BITS = {"rtn": set(), "kmeans": set(), "lsq": {2, 3, 4, 8}, "bit": {1, 2, 3, 4, 8}}
 # Config fields that change nothing about the quantized weights (left out of cache keys).
-NON_SEMANTIC = ("log_every", "ckpt_every", "progress")
+NON_SEMANTIC = ("log_every", "ckpt_every")
+# Fields that only QAT (distillation) reads: left out of the cache keys of PTQ methods.
+QAT_FIELDS = ("steps", "lr", "batch_size", "max_seconds", "distill_loss", "cos_weight", "weight_decay", "grad_clip",
+              "multi_distill")
 
 
 @dataclass
 class QuantConfig:
-    """Schema of the `quant` config group (conf/quant/<method>.yaml)."""
+    """Schema of the `quant` config group; QuantConfig(method=m, ...) is m's config class."""
 
     method: str = "rtn"
     # Which modules: kinds of qspeech.quant.targets (linear, cnn, pos_conv, proj, heads, all),
     # fnmatch patterns kept in full precision, and {pattern: bits} for mixed precision.
-    targets: list = field(default_factory=lambda: ["linear"])
-    exclude: list = field(default_factory=list)
-    overrides: dict = field(default_factory=dict)
+    targets: list[str] = field(default_factory=lambda: ["linear"])
+    exclude: list[str] = field(default_factory=list)
+    overrides: dict[str, int] = field(default_factory=dict)
     # Scale sharing: one per tensor, per output channel (row) or per group of `group_size` consecutive
     # input weights of a row (conv weights (out, in, k) are flattened to rows of in*k).
     granularity: str = "channel"
     group_size: int = 128
-    # rtn: symmetric narrow range q in [-(2^(b-1)-1), 2^(b-1)-1] (w = q*s), or asymmetric with an
-    # integer zero point (w = (q - z)*s, q in [0, 2^b-1]). lsq/bit are always symmetric.
+    # Symmetric narrow range q in [-(2^(b-1)-1), 2^(b-1)-1] (w = q*s), or (rtn) asymmetric with an integer
+    # zero point (w = (q - z)*s, q in [0, 2^b-1]).
     symmetric: bool = True
     # rtn: 'minmax' range, or 'mse' (per scale group, the clipping ratio minimising the weight error).
     clip: str = "minmax"
     # Activation bits on the inputs of the quantized modules (lsq, bit only); null = full precision.
-    act_bits: Any = None
+    act_bits: int | None = None
     # kmeans
     iters: int = 30
     seed: int = 0
@@ -65,103 +67,119 @@ class QuantConfig:
     multi_distill: bool = True
     log_every: int = 25
     ckpt_every: int = 100
-    progress: bool = True
+
+    def __new__(cls, *args, **kwargs):
+        if cls is QuantConfig:  # the method's own class, whose defaults are its YAML's
+            cls = get_method(kwargs.get("method", args[0] if args else QuantConfig.method)).config
+        return super().__new__(cls)
+
+    def __post_init__(self):
+        method = get_method(self.method)
+        need(isinstance(self, method.config), "method", self.method,
+             f"does not match {type(self).__name__}; use {method.config.__name__} or QuantConfig(method=...)")
+        for key in ("targets", "exclude"):
+            value = getattr(self, key)
+            need(not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"), key, value, "must be a list")
+            setattr(self, key, list(value))
+        check_targets(self.targets)
+        need(isinstance(self.overrides, Mapping), "overrides", self.overrides, "must be a mapping {pattern: bits}")
+        self.overrides = dict(self.overrides)
+        _check_fields(self, method)
+        method.check(self)
+
+
+def _check_fields(cfg: QuantConfig, method) -> None:
+    """Ranges and choices, and what the method's registered facts allow (no model needed)."""
+    m = cfg.method
+    choice(cfg, "granularity", GRANULARITIES)
+    need(cfg.granularity in method.granularities, "granularity", cfg.granularity,
+         f"is not supported by {m}; use {' or '.join(method.granularities)}")
+    integer(cfg, "group_size", 1)
+    choice(cfg, "clip", CLIPS)
+    need(cfg.clip in method.clips, "clip", cfg.clip, f"is not supported by {m}; set quant.clip=minmax")
+    choice(cfg, "symmetric", (True, False))
+    need(cfg.symmetric or not method.symmetric_only, "symmetric", cfg.symmetric,
+         f"is not supported by {m} (symmetric only); set quant.symmetric=true")
+    if cfg.act_bits is not None:
+        need(bool(method.act_bits), "act_bits", cfg.act_bits,
+             f"is not supported by quant.method={m} (weight-only); use lsq or bit, or set quant.act_bits=null")
+        need(_is_int(cfg.act_bits) and cfg.act_bits in method.act_bits, "act_bits", cfg.act_bits,
+             f"is not supported by {m}; choose from {sorted(method.act_bits)} or null")
+    for pattern, ob in cfg.overrides.items():
+        check_bits(m, ob, f"overrides[{pattern!r}]", field=True)
+    integer(cfg, "iters", 1)
+    integer(cfg, "seed", 0)
+    integer(cfg, "steps", 0)
+    integer(cfg, "batch_size", 1)
+    number(cfg, "lr", 0, lo_open=True)
+    number(cfg, "max_seconds", 0, lo_open=True)
+    choice(cfg, "distill_loss", DISTILL_LOSSES)
+    for key in ("cos_weight", "weight_decay", "grad_clip"):
+        number(cfg, key, 0)
+    integer(cfg, "log_every", 0)
+    integer(cfg, "ckpt_every", 0)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def as_quant_config(cfg) -> QuantConfig:
-    """QuantConfig from a QuantConfig, an omegaconf DictConfig or a mapping (unknown keys: ConfigError)."""
+    """QuantConfig from a QuantConfig, a mapping (an omegaconf DictConfig is one) or None (rtn's defaults),
+    typed and checked like the composed config (unknown keys, wrong types: ConfigError naming the key)."""
     if isinstance(cfg, QuantConfig):
         return cfg
     if cfg is None:
         return QuantConfig()
-    from qspeech.config import check_keys, plain
-
-    cfg = plain(cfg)
-    check_keys(QuantConfig, cfg, "quant")
-    out = QuantConfig(**cfg)
-    out.targets = list(out.targets or [])
-    out.exclude = list(out.exclude or [])
-    out.overrides = dict(out.overrides or {})
-    return out
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"quant: expected a mapping of settings, got {type(cfg).__name__}")
+    return typed(get_method(cfg.get("method", QuantConfig.method)).config, cfg, "quant")
 
 
 def supported_bits(method: str) -> set[int]:
     """Weight bits a method implements (32 = full precision is always allowed besides these)."""
-    if method not in METHODS:
-        raise ConfigError(f"quant.method: unknown method '{method}'; choose from {list(METHODS)}")
-    return set(_WEIGHT_BITS[method])
+    return set(get_method(method).weight_bits)
 
 
 def supported_act_bits(method: str) -> set[int]:
-    supported_bits(method)
-    return set(_ACT_BITS[method])
+    return set(get_method(method).act_bits)
 
 
-def _check_bits(method: str, bits, what: str) -> int:
-    try:
-        b = int(bits)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what}: '{bits}' is not an integer number of bits") from None
-    if b != bits:
-        raise ConfigError(f"{what}: '{bits}' is not an integer number of bits")
-    if b != 32 and b not in _WEIGHT_BITS[method]:
-        raise ConfigError(
-            f"{what}={b} is not supported by quant.method={method}; choose from {sorted(_WEIGHT_BITS[method])} or 32"
-        )
-    return b
+def check_bits(method: str, bits, what: str = "bits", field: bool = False) -> int:
+    """`bits` as an int when `method` implements it (or it is 32), else ConfigError naming `what` (a field of
+    QuantConfig when `field`)."""
+    allowed = get_method(method).weight_bits
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not float(bits).is_integer():
+        why = "is not an integer number of bits"
+    elif int(bits) != 32 and int(bits) not in allowed:
+        why = f"is not supported by quant.method={method}; choose from {sorted(allowed)} or 32"
+    else:
+        return int(bits)
+    if field:
+        raise FieldError(what, why, bits)
+    raise ConfigError(f"{what}={bits} {why}")
 
 
 def validate_quant_config(cfg, bits: int, model=None) -> QuantConfig:
-    """Check the quant config for `bits` (and, given the model, group sizes); returns it as QuantConfig."""
+    """The config as QuantConfig, checked for `bits` and, given the (s3prl) model, for its modules: group
+    sizes must divide the rows of the quantized weights, WavLM has no input quantization."""
     cfg = as_quant_config(cfg)
-    supported_bits(cfg.method)
-    bits = _check_bits(cfg.method, bits, "bits")
-    check_targets(cfg.targets)
-    if cfg.granularity not in GRANULARITIES:
-        raise ConfigError(f"quant.granularity: unknown '{cfg.granularity}'; choose from {list(GRANULARITIES)}")
-    if cfg.method == "kmeans" and cfg.granularity == "group":
-        raise ConfigError("quant.granularity=group is not supported by kmeans; use tensor or channel")
-    if not isinstance(cfg.group_size, int) or cfg.group_size < 1:
-        raise ConfigError(f"quant.group_size must be a positive integer, got {cfg.group_size}")
-    if cfg.clip not in CLIPS:
-        raise ConfigError(f"quant.clip: unknown '{cfg.clip}'; choose from {list(CLIPS)}")
-    if cfg.clip != "minmax" and cfg.method != "rtn":
-        raise ConfigError(f"quant.clip={cfg.clip} applies to rtn only; set quant.clip=minmax for {cfg.method}")
-    if not cfg.symmetric and cfg.method in ("lsq", "bit"):
-        raise ConfigError(f"quant.method={cfg.method} is symmetric only; set quant.symmetric=true")
-    if cfg.act_bits is not None:
-        allowed = _ACT_BITS[cfg.method]
-        if not allowed:
-            raise ConfigError(
-                f"quant.act_bits is not supported by quant.method={cfg.method} (weight-only); "
-                "use lsq or bit, or set quant.act_bits=null"
-            )
-        if cfg.act_bits not in allowed:
-            raise ConfigError(f"quant.act_bits={cfg.act_bits} is not supported by {cfg.method}; choose from {sorted(allowed)}")
-    for pattern, ob in cfg.overrides.items():
-        _check_bits(cfg.method, ob, f"quant.overrides['{pattern}']")
-    if cfg.distill_loss not in DISTILL_LOSSES:
-        raise ConfigError(f"quant.distill_loss: unknown '{cfg.distill_loss}'; choose from {list(DISTILL_LOSSES)}")
-    if int(cfg.steps) < 0 or int(cfg.batch_size) < 1 or float(cfg.lr) <= 0 or float(cfg.max_seconds) <= 0:
-        raise ConfigError("quant: steps must be >= 0, batch_size >= 1, lr > 0 and max_seconds > 0")
-    if int(cfg.iters) < 1:
-        raise ConfigError("quant.iters must be >= 1")
-    if model is not None and bits != 32:
-        from qspeech.quant.targets import select_targets
-
-        chosen = select_targets(model, bits, cfg.targets, cfg.exclude, cfg.overrides)
-        if cfg.granularity == "group":
-            mods = dict(model.named_modules())
-            for name in chosen:
-                w = mods[name].weight
-                row = w[0].numel()
-                if row % cfg.group_size:
-                    raise ConfigError(
-                        f"quant.group_size={cfg.group_size} does not divide the {row} input weights per row of "
-                        f"'{name}'; choose a divisor, granularity=channel, or add it to quant.exclude"
-                    )
-        if cfg.act_bits is not None and getattr(model, "__class__", None).__name__ == "WavLM":
-            raise ConfigError("quant.act_bits is not supported for WavLM (its attention bypasses the projections); set quant.act_bits=null")
+    bits = check_bits(cfg.method, bits)
+    if model is None or bits == 32:
+        return cfg
+    chosen = select_targets(model, bits, cfg.targets, cfg.exclude, cfg.overrides)
+    if cfg.granularity == "group":
+        mods = dict(model.named_modules())
+        for name in chosen:
+            row = mods[name].weight[0].numel()
+            if row % cfg.group_size:
+                raise ConfigError(
+                    f"quant.group_size={cfg.group_size} does not divide the {row} input weights per row of "
+                    f"'{name}'; choose a divisor, granularity=channel, or add it to quant.exclude"
+                )
+    if cfg.act_bits is not None and type(model).__name__ == "WavLM":
+        raise ConfigError("quant.act_bits is not supported for WavLM (its attention bypasses the projections); "
+                          "set quant.act_bits=null")
     return cfg
 
 
@@ -176,26 +194,12 @@ def n_scale_groups(cfg: QuantConfig, weight_shape: tuple) -> int:
 
 
 def overhead_values(cfg, weight_shape: tuple, bits: int) -> int:
-    """16-bit values stored besides the b-bit codes for one weight tensor of this shape.
-
-    rtn: a scale per group (+ a zero point when asymmetric; 1 bit: the mean |w| only); kmeans: a codebook of
-    2^b levels per group; lsq: the learned step per group (+1 activation step when act_bits is set);
-    bit: mean |W| (1 bit) or the learned step (2 bit) per group (+2: activation alpha, beta when act_bits).
-    """
+    """16-bit values stored besides the b-bit codes for one weight tensor of this shape (0 at 32 bits);
+    what they are is the method's (QuantMethod.scale_values)."""
     cfg = as_quant_config(cfg)
-    bits = int(bits)
-    if bits >= 32:
+    if int(bits) >= 32:
         return 0
-    g = n_scale_groups(cfg, tuple(weight_shape))
-    if cfg.method == "rtn":
-        return g if (bits == 1 or cfg.symmetric) else 2 * g
-    if cfg.method == "kmeans":
-        return g * (2**bits)
-    if cfg.method == "lsq":
-        return g + (1 if cfg.act_bits is not None else 0)
-    if cfg.method == "bit":
-        return g + (2 if cfg.act_bits is not None else 0)
-    raise ConfigError(f"quant.method: unknown method '{cfg.method}'; choose from {list(METHODS)}")
+    return get_method(cfg.method).scale_values(cfg, n_scale_groups(cfg, tuple(weight_shape)), int(bits))
 
 
 def cache_dict(cfg: QuantConfig) -> dict:
@@ -203,8 +207,7 @@ def cache_dict(cfg: QuantConfig) -> dict:
     d = dataclasses.asdict(cfg)
     for k in NON_SEMANTIC:
         d.pop(k, None)
-    if cfg.method in PTQ_METHODS:
-        for k in ("steps", "lr", "batch_size", "max_seconds", "distill_loss", "cos_weight", "weight_decay",
-                  "grad_clip", "multi_distill"):
+    if not get_method(cfg.method).needs_distillation:
+        for k in QAT_FIELDS:
             d.pop(k, None)
     return d

@@ -257,11 +257,6 @@ def elastic_quant(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, bits
 # ----------------------------------------------------------------------------------- k-means
 
 
-def _sqdist_min(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """x (R, n), centers (R, k) -> min squared distance (R, n)."""
-    return (x.unsqueeze(-1) - centers.unsqueeze(1)).pow(2).amin(-1)
-
-
 def kmeans_pp_init(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Greedy k-means++ (as scikit-learn: 2 + log k candidates per step) for each row of x (R, n)."""
     r, n = x.shape

@@ -1,10 +1,11 @@
-"""Fake-quantization parametrizations (registered on `.weight` with torch.nn.utils.parametrize, so the
-weight stays a plain tensor for F.multi_head_attention_forward) and activation quantizers (run by a
-forward pre-hook on the quantized module).
+"""The base of the fake-quantization parametrizations (registered on `.weight` with
+torch.nn.utils.parametrize, so the weight stays a plain tensor for F.multi_head_attention_forward) and the
+activation quantizers (run by a forward pre-hook on the quantized module). Each method's weight quantizer
+lives in its module, qspeech/quant/methods/<name>.py.
 
 Each weight quantizer has `forward(w) -> fake-quantized w` and `parts(w) -> dict` giving the integer
-codes and the parameters exactly as the forward uses them; `dequantize_parts(parts)` rebuilds the
-forward's weight bit for bit.
+codes and the parameters exactly as the forward uses them; `formats.dequantize_parts(parts)` rebuilds
+the forward's weight bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from qspeech.quant import functional as Fq
+import qspeech.quant.functional as Fq
 
 
 class WeightQuantizer(nn.Module):
@@ -40,126 +41,6 @@ class WeightQuantizer(nn.Module):
 
     def right_inverse(self, w):  # assigning to .weight sets the latent weight
         return w
-
-
-class RTNWeight(WeightQuantizer):
-    """Round to nearest with scales (and zero points) fixed from the weights at registration."""
-
-    method = "rtn"
-
-    def __init__(self, w, bits, granularity="channel", group_size=128, symmetric=True, clip="minmax"):
-        super().__init__(w.shape, bits, granularity, group_size)
-        self.symmetric = bool(symmetric) or self.bits == 1
-        wg = self.groups(w.detach())
-        if self.bits == 1:
-            scale, zero = Fq.binary_scale(wg), None
-        else:
-            scale, zero = Fq.rtn_params(wg, self.bits, self.symmetric, clip)
-        self.register_buffer("scale", scale.clone())
-        self.register_buffer("zero_point", zero.clone() if zero is not None else None)
-
-    def forward(self, w):
-        wg = self.groups(w)
-        if self.bits == 1:
-            return Fq.from_groups(Fq.binary_fake(wg, self.scale, center=False), w.shape)
-        return Fq.from_groups(Fq.rtn_fake(wg, self.scale, self.zero_point, self.bits), w.shape)
-
-    def parts(self, w):
-        wg = self.groups(w.detach())
-        if self.bits == 1:
-            codes, fmt = Fq.binary_codes(wg, center=False), "binary"
-        else:
-            codes = Fq.rtn_codes(wg, self.scale, self.zero_point, self.bits)
-            fmt = "affine" if self.zero_point is not None else "symmetric"
-        return {**self._meta(), "format": fmt, "codes": Fq.from_groups(codes, w.shape).to(torch.int32),
-                "scale": self.scale.clone(), "zero_point": None if self.zero_point is None else self.zero_point.clone()}
-
-
-class KMeansWeight(WeightQuantizer):
-    """Non-uniform: 2^b k-means levels per tensor or per output channel; nearest-level STE."""
-
-    method = "kmeans"
-
-    def __init__(self, w, bits, granularity="channel", iters=30, seed=0):
-        super().__init__(w.shape, bits, granularity, 0)
-        wg = self.groups(w.detach())
-        cb, _ = Fq.kmeans_1d(wg[:, 0], 2**self.bits, iters, seed)
-        self.register_buffer("codebook", cb.to(w.dtype))
-
-    def forward(self, w):
-        return Fq.from_groups(Fq.codebook_fake(self.groups(w), self.codebook), w.shape)
-
-    def parts(self, w):
-        wg = self.groups(w.detach())
-        codes = Fq.codebook_assign(wg[:, 0], self.codebook).unsqueeze(1)
-        return {**self._meta(), "format": "codebook", "codes": Fq.from_groups(codes, w.shape).to(torch.int32),
-                "codebook": self.codebook.clone().unsqueeze(1)}  # (R, 1, 2^b)
-
-
-class LSQWeight(WeightQuantizer):
-    """Learned step size per scale group, signed range [-2^(b-1), 2^(b-1)-1]."""
-
-    method = "lsq"
-
-    def __init__(self, w, bits, granularity="channel", group_size=128):
-        super().__init__(w.shape, bits, granularity, group_size)
-        wg = self.groups(w.detach())
-        self.step = nn.Parameter(Fq.lsq_init_step(wg, self.bits).clone())
-        self.g = Fq.lsq_grad_scale(wg.shape[-1], self.bits)
-
-    def forward(self, w):
-        return Fq.from_groups(Fq.lsq_fake(self.groups(w), self.step, self.bits, self.g), w.shape)
-
-    def parts(self, w):
-        qn, qp = Fq.signed_range(self.bits)
-        codes = Fq.lsq_codes(self.groups(w.detach()), self.step.detach(), qn, qp)
-        return {**self._meta(), "format": "symmetric", "codes": Fq.from_groups(codes, w.shape).to(torch.int32),
-                "scale": self.step.detach().clone(), "zero_point": None}
-
-
-class BinaryWeight(WeightQuantizer):
-    """BiT / BWN 1 bit: sign(W - mean W) * mean|W| per scale group, identity STE."""
-
-    method = "bit"
-
-    def __init__(self, w, granularity="channel", group_size=128):
-        super().__init__(w.shape, 1, granularity, group_size)
-
-    def forward(self, w):
-        wg = self.groups(w)
-        return Fq.from_groups(Fq.binary_fake(wg, Fq.binary_scale(wg), center=True), w.shape)
-
-    def parts(self, w):
-        wg = self.groups(w.detach())
-        return {**self._meta(), "format": "binary",
-                "codes": Fq.from_groups(Fq.binary_codes(wg, center=True), w.shape).to(torch.int32),
-                "scale": Fq.binary_scale(wg).clone()}
-
-
-class BitMultiWeight(LSQWeight):
-    """BiT's multi-bit weights: LSQ-style learned scale per group."""
-
-    method = "bit"
-
-
-def dequantize_parts(parts: dict) -> torch.Tensor:
-    """The fake-quantized weight from `parts` (bit exact with the parametrized forward)."""
-    shape = parts["codes"].shape
-    scale = parts.get("scale")
-    granularity, gs = parts["granularity"], parts.get("group_size") or 128
-    codes = Fq.as_groups(parts["codes"].to(scale.dtype if scale is not None else parts["codebook"].dtype),
-                         granularity, gs)
-    fmt = parts["format"]
-    if fmt == "binary":
-        w = Fq.binary_dequant(codes, scale)
-    elif fmt in ("symmetric", "affine"):
-        w = Fq.rtn_dequant(codes, scale, parts.get("zero_point"))
-    elif fmt == "codebook":
-        cb = parts["codebook"][:, 0]
-        w = cb.gather(1, codes[:, 0].long()).unsqueeze(1)
-    else:
-        raise ValueError(f"unknown quantized format {fmt}")
-    return Fq.from_groups(w, shape)
 
 
 # ----------------------------------------------------------------------------------- activations

@@ -1,27 +1,41 @@
-"""SUPERB downstream tasks. `run_task` dispatches on cfg.task.kind (only 'asr' so far)."""
+"""SUPERB downstream tasks. `run_task` dispatches on cfg.task.kind (only 'asr' so far).
+
+A task is one module here that defines `TASK = Task(kind, config class, run function)` plus
+conf/task/<name>.yaml (`defaults: [_schema_<kind>, _self_]`): this package finds every module with a TASK.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
-from qspeech.errors import ConfigError
-from qspeech.train import validate_train_config
+from qspeech.tasks.config import Task, TaskConfig
+from qspeech.tasks.metrics import TaskMetrics
 
-__all__ = ["run_task", "validate_task_config", "validate_train_config"]
-
-
-def validate_task_config(task_cfg):
-    kind = (task_cfg or {}).get("kind", "asr")
-    if kind == "asr":
-        from qspeech.tasks.asr import validate_task_config as v
-
-        return v(task_cfg)
-    raise ConfigError(f"task.kind={kind!r}: unknown task kind; available: asr")
+__all__ = ["TASKS", "Task", "TaskConfig", "TaskMetrics", "run_task", "task_schemas"]
 
 
-def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> dict:
-    """Train and evaluate cfg.task on the frozen `upstream`; returns JSON-able metrics (see tasks/asr.py)."""
-    validate_task_config(cfg.task)
-    from qspeech.tasks.asr import run_task as run_asr
+def _discover() -> dict[str, Task]:
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        task = getattr(importlib.import_module(f"{__name__}.{info.name}"), "TASK", None)
+        if isinstance(task, Task):
+            found[task.kind] = task
+    return found
 
-    return run_asr(cfg, upstream, Path(run_dir), upstream_key, progress=progress, on_step=on_step)
+
+TASKS: dict[str, Task] = _discover()
+
+
+def task_schemas() -> dict[str, type]:
+    """kind -> config class, for the Hydra schema of each conf/task/<name>.yaml."""
+    return {kind: task.config for kind, task in TASKS.items()}
+
+
+def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True,
+             on_step=None) -> TaskMetrics:
+    """Train and evaluate cfg.task on the frozen `upstream`; returns its TaskMetrics (see tasks/metrics.py).
+    cfg: the typed run config (qspeech.config.RunConfig or anything with its task, train, data, seed and
+    cache_dir)."""
+    return TASKS[cfg.task.kind].run(cfg, upstream, Path(run_dir), upstream_key, progress=progress, on_step=on_step)

@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from qspeech.errors import ConfigError, DataError
+from qspeech.checks import choice, integer, need, number
+from qspeech.errors import DataError
+from qspeech.tasks.config import Task, TaskConfig
 from qspeech.tasks.ctc import greedy_decode
+from qspeech.tasks.metrics import TaskMetrics
 from qspeech.tasks.metrics import cer as cer_fn
 from qspeech.tasks.metrics import wer as wer_fn
 from qspeech.tasks.vocab import CharVocab
@@ -38,15 +41,23 @@ log = logging.getLogger(__name__)
 class SpecAugConfig:
     enabled: bool = True
     time_warp_window: int = 5  # 0: no time warp
-    freq_mask_width: list = field(default_factory=lambda: [0, 50])  # [min, max] feature dims per mask
+    freq_mask_width: list[int] = field(default_factory=lambda: [0, 50])  # [min, max] feature dims per mask
     num_freq_mask: int = 4
-    time_mask_width: list = field(default_factory=lambda: [0, 40])  # [min, max] frames per mask
+    time_mask_width: list[int] = field(default_factory=lambda: [0, 40])  # [min, max] frames per mask
     num_time_mask: int = 2
+
+    def __post_init__(self):
+        for k in ("freq_mask_width", "time_mask_width"):
+            v = getattr(self, k)
+            need(isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v)
+                 and 0 <= v[0] <= v[1], k, v, "must be [min, max] integers with 0 <= min <= max")
+        for k in ("num_freq_mask", "num_time_mask", "time_warp_window"):
+            integer(self, k, 0)
 
 
 @dataclass
-class ASRConfig:
-    """The `task` config group for kind=asr (conf/task/asr*.yaml)."""
+class ASRConfig(TaskConfig):
+    """The `task` config group for kind=asr; the defaults are conf/task/asr.yaml (SUPERB's recipe)."""
 
     name: str = "asr"
     kind: str = "asr"
@@ -66,36 +77,14 @@ class ASRConfig:
     select_metric: str = "wer"  # dev metric that picks the best checkpoint: wer (SUPERB) | cer
     specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
 
-
-def validate_task_config(task_cfg) -> ASRConfig:
-    from qspeech.config import check_keys, plain
-
-    d = plain(task_cfg)
-    d.pop("defaults", None)  # present only when a yaml is loaded without Hydra
-    if d.get("kind", "asr") != "asr":
-        raise ConfigError(f"task.kind={d.get('kind')!r}: only 'asr' is implemented")
-    spec = d.pop("specaug", None) or {}
-    check_keys(ASRConfig, d, "task")
-    check_keys(SpecAugConfig, spec, "task.specaug")
-    c = ASRConfig(**d, specaug=SpecAugConfig(**spec))
-    s = c.specaug
-
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(f"task.{msg}")
-
-    for k in ("project_dim", "hidden_size", "num_layers", "frame_stride"):
-        v = getattr(c, k)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{k}={v!r}: must be an integer >= 1")
-    need(0 <= c.dropout < 1, f"dropout={c.dropout!r}: must be in [0, 1)")
-    need(c.lr > 0, f"lr={c.lr!r}: must be > 0")
-    need(c.select_metric in ("wer", "cer"), f"select_metric={c.select_metric!r}: use wer or cer")
-    for k in ("freq_mask_width", "time_mask_width"):
-        v = list(getattr(s, k))
-        need(len(v) == 2 and 0 <= v[0] <= v[1], f"specaug.{k}={v!r}: must be [min, max] with 0 <= min <= max")
-    for k in ("num_freq_mask", "num_time_mask", "time_warp_window"):
-        need(getattr(s, k) >= 0, f"specaug.{k}={getattr(s, k)!r}: must be >= 0")
-    return c
+    def __post_init__(self):
+        super().__post_init__()
+        choice(self, "kind", ("asr",))
+        for k in ("project_dim", "hidden_size", "num_layers", "frame_stride"):
+            integer(self, k, 1)
+        number(self, "dropout", 0, 1, hi_open=True)
+        number(self, "lr", 0, lo_open=True)
+        choice(self, "select_metric", ("wer", "cer"))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -235,7 +224,7 @@ class LiveSource:
         return len(self.utts)
 
     def batch(self, indices, device):
-        from qspeech.features import read_waves, run_upstream
+        from qspeech.feature_cache import read_waves, run_upstream
 
         wavs, kept, failed = read_waves(self.utts, indices, self.read_audio)
         for path, e in failed:
@@ -315,28 +304,27 @@ def data_api():
 
 
 def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
-    from qspeech.config import plain
-
-    train = {k: v for k, v in plain(cfg.train).items() if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
-    blob = json.dumps({"upstream": upstream_key, "task": plain(cfg.task), "train": train, "data": data_fps,
-                       "seed": int(cfg.seed)}, sort_keys=True, default=str)
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
+             if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
+    blob = json.dumps({"upstream": upstream_key, "task": dataclasses.asdict(cfg.task), "train": train,
+                       "data": data_fps, "seed": cfg.seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> dict:
-    """Train the ASR head on the frozen upstream's features, select on dev WER, report test WER."""
-    from qspeech.train import torch_threads, validate_train_config
+def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> TaskMetrics:
+    """Train the ASR head on the frozen upstream's features, select on dev WER, report test WER.
+    cfg: the typed run config (its task, train, data, seed and cache_dir; see qspeech.tasks.run_task)."""
+    from qspeech.train import torch_threads
 
-    tcfg = validate_task_config(cfg.task)
-    trcfg = validate_train_config(cfg.train)
+    tcfg, trcfg = cfg.task, cfg.train
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with torch_threads(trcfg.num_threads):
         return _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step)
 
 
-def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -> dict:
-    from qspeech import features
+def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -> TaskMetrics:
+    from qspeech import feature_cache
     from qspeech.atomic import torch_save_atomic, write_text_atomic
     from qspeech.errors import TrainingError
     from qspeech.seeding import seed_everything
@@ -348,14 +336,14 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
     utts = {s: list(data.load_split(cfg.data, s, cache_dir)) for s in splits}
     for s in splits:
         if not utts[s]:
-            raise DataError(f"the {s} split of data={cfg.data.get('name', '?')} is empty")
+            raise DataError(f"the {s} split of data={cfg.data.name} is empty")
     data_fps = {s: data.config_fingerprint(cfg.data, s) for s in splits}
 
     device = resolve_device(trcfg)
     orig_device = next(upstream.parameters()).device
     upstream.eval().requires_grad_(False).to(device)
 
-    est = sum(features.estimate_bytes(upstream, sum(u.duration_s for u in utts[s])) for s in splits)
+    est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in utts[s])) for s in splits)
     use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
     if trcfg.cache_features == "auto" and not use_cache:
         log.warning("feature cache off: ~%.1f GB of features exceeds train.cache_max_gb=%s", est / 1e9,
@@ -364,7 +352,7 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
     try:
         for s in splits:
             if use_cache:
-                store, st = features.load_or_build(
+                store, st = feature_cache.load_or_build(
                     upstream, upstream_key, data_fps[s], utts[s], data.read_audio, cache_dir, device=device,
                     batch_s=trcfg.feature_batch_s, progress=progress, desc=f"upstream {s}")
                 statuses.append(st)
@@ -395,35 +383,40 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
     torch_save_atomic({"model": model.state_dict(), "vocab": task.vocab.symbols, "task": dataclasses.asdict(tcfg),
                        "best_step": res.best_step}, run_dir / "downstream.pt")
 
-    if use_cache:
-        n = sum(k for k, _ in up_rates)
-        secs = sum(t for _, t in up_rates)
-        up_rate = n / secs if secs else None
+    return _metrics(test, res, model, sources, (statuses, up_rates) if use_cache else None, device)
+
+
+def _metrics(test: dict, res, model: ASRHead, sources: dict, cache: tuple[list, list] | None, device) -> TaskMetrics:
+    """The run's record. cache: (each split's cache status, its (utterances, upstream seconds)) when the
+    features were cached; None when the upstream ran live (the sources timed it)."""
+    if cache is not None:
+        n, secs = sum(k for k, _ in cache[1]), sum(t for _, t in cache[1])
     else:
-        live = [sources[s] for s in splits]
-        secs = sum(x.upstream_s for x in live)
-        up_rate = sum(x.upstream_utts for x in live) / secs if secs else None
-    skipped = sorted({p for s in splits for p in sources[s].skipped})
-    n_used = {s: len(sources[s]) - (len(sources[s].skipped) if isinstance(sources[s], LiveSource) else 0)
-              for s in splits}
-    return {
-        "metric": "wer",
-        "value": float(test["wer"]),
-        "dev_wer": float(res.best.get("wer", float("nan"))),
-        "cer": float(test["cer"]),
-        "dev_cer": float(res.best.get("cer", float("nan"))),
-        "steps": res.steps,
-        "best_step": res.best_step,
-        "train_wall_s": round(res.train_wall_s, 3),
-        "upstream_utts_per_s": round(up_rate, 3) if up_rate else None,
-        "train_utts_per_s": round(res.train_items_per_s, 3),
-        "layer_weights": [round(w, 6) for w in model.featurizer.layer_weights()],
-        "n_train": n_used["train"],
-        "n_dev": n_used["dev"],
-        "n_test": n_used["test"],
-        "skipped_audio": len(skipped),
-        "feature_cache": ("hit" if all(s == "hit" for s in statuses) else "miss") if use_cache else "off",
-        "resumed_from_step": res.resumed_from,
-        "device": str(device),
-        "head_params": sum(p.numel() for p in model.parameters()),
-    }
+        n, secs = sum(x.upstream_utts for x in sources.values()), sum(x.upstream_s for x in sources.values())
+    up_rate = n / secs if secs else None
+    skipped = sorted({p for src in sources.values() for p in src.skipped})
+    n_used = {s: len(src) - (len(src.skipped) if isinstance(src, LiveSource) else 0) for s, src in sources.items()}
+    return TaskMetrics(
+        metric="wer",
+        value=float(test["wer"]),
+        dev_wer=float(res.best.get("wer", float("nan"))),
+        cer=float(test["cer"]),
+        dev_cer=float(res.best.get("cer", float("nan"))),
+        steps=res.steps,
+        best_step=res.best_step,
+        train_wall_s=round(res.train_wall_s, 3),
+        upstream_utts_per_s=round(up_rate, 3) if up_rate else None,
+        train_utts_per_s=round(res.train_items_per_s, 3),
+        layer_weights=[round(w, 6) for w in model.featurizer.layer_weights()],
+        n_train=n_used["train"],
+        n_dev=n_used["dev"],
+        n_test=n_used["test"],
+        skipped_audio=len(skipped),
+        feature_cache=("hit" if all(s == "hit" for s in cache[0]) else "miss") if cache is not None else "off",
+        resumed_from_step=res.resumed_from,
+        device=str(device),
+        head_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+TASK = Task("asr", ASRConfig, run_task)  # found by qspeech.tasks (task.kind=asr)

@@ -1,8 +1,13 @@
-"""Word and character error rates (jiwer), in percent, over a corpus (not averaged per utterance)."""
+"""Word and character error rates (jiwer), in percent, over a corpus (not averaged per utterance), and the
+record a task returns."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jiwer
+
+from qspeech.records import Record, optional
 
 
 def _pairs(refs: list[str], hyps: list[str]) -> tuple[list[str], list[str]]:
@@ -21,3 +26,35 @@ def wer(refs: list[str], hyps: list[str]) -> float:
 def cer(refs: list[str], hyps: list[str]) -> float:
     refs, hyps = _pairs(refs, hyps)
     return 100.0 * jiwer.cer(refs, hyps) if refs else float("nan")
+
+
+@dataclass(kw_only=True)
+class TaskMetrics(Record):
+    """What a downstream task reports (result.json's `metrics`): the test metric, the dev scores that chose
+    the checkpoint, and how training went. Task-specific scores (ASR's dev_wer, cer, dev_cer) are left out of
+    the file by tasks that do not have them."""
+
+    metric: str  # name of `value`, e.g. "wer"
+    value: float  # the test score, in the metric's unit (WER in percent)
+    dev_wer: float | None = optional()
+    cer: float | None = optional()
+    dev_cer: float | None = optional()
+    steps: int | None = None
+    best_step: int | None = None
+    train_wall_s: float | None = None
+    upstream_utts_per_s: float | None = None  # None: no upstream pass was timed
+    train_utts_per_s: float | None = None
+    layer_weights: list[float] | None = None  # the featurizer's softmax weights, one per hidden state
+    n_train: int | None = None  # utterances used (unreadable audio skipped)
+    n_dev: int | None = None
+    n_test: int | None = None
+    skipped_audio: int | None = None
+    feature_cache: str | None = None  # hit | miss | off
+    resumed_from_step: int | None = None
+    device: str | None = None
+    head_params: int | None = None
+
+    @property
+    def dev_value(self) -> float | None:
+        """The dev score of `metric` (the one that selected the checkpoint), if the task reports it."""
+        return getattr(self, f"dev_{self.metric}", None)

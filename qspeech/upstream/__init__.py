@@ -5,26 +5,26 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from qspeech.config import plain
 from qspeech.upstream import builders, checkpoints
+from qspeech.upstream.config import ModelConfig
 from qspeech.upstream.model import SAMPLE_RATE, Upstream, UpstreamOutput, UpstreamSpec
 
-__all__ = ["build_upstream", "save_checkpoint", "fingerprint", "Upstream", "UpstreamOutput", "UpstreamSpec", "SAMPLE_RATE"]
+__all__ = ["ModelConfig", "build_upstream", "save_checkpoint", "fingerprint", "Upstream", "UpstreamOutput", "UpstreamSpec", "SAMPLE_RATE"]
 
 
-def build_upstream(model_cfg) -> Upstream:
-    """model_cfg: the `model` config group (name, arch, url, ckpt, init, asset, arch_cfg, trust_checkpoint)."""
-    cfg = plain(model_cfg)
-    arch, arch_cfg = cfg["arch"], dict(cfg.get("arch_cfg") or {})
-    if cfg.get("init", "pretrained") == "random":
-        model, normalize = builders.build_random(arch, arch_cfg)
-        spec = UpstreamSpec(cfg["name"], arch, arch_cfg, "random", None)
+def build_upstream(cfg: ModelConfig) -> Upstream:
+    """The upstream of the `model` config group: random weights (init=random) or a checkpoint (ckpt, else
+    the packaged asset, else the url)."""
+    arch_cfg = dict(cfg.arch_cfg)
+    if cfg.init == "random":
+        model, normalize = builders.build_random(cfg.arch, arch_cfg)
+        spec = UpstreamSpec(cfg.name, cfg.arch, arch_cfg, "random", None)
     else:
-        path = checkpoints.resolve(cfg["name"], cfg.get("url"), cfg.get("ckpt"), cfg.get("asset"))
-        state = checkpoints.load(path, trust=bool(cfg.get("trust_checkpoint", False)))
-        checkpoints.check_format(state, arch, path)
-        model, normalize = builders.build_from_state(arch, state)
-        spec = UpstreamSpec(cfg["name"], arch, arch_cfg, str(path), checkpoints.file_sha256(path))
+        path = checkpoints.resolve(cfg.name, cfg.url, cfg.ckpt, cfg.asset)
+        state = checkpoints.load(path, trust=cfg.trust_checkpoint)
+        checkpoints.check_format(state, cfg.arch, path)
+        model, normalize = builders.build_from_state(cfg.arch, state)
+        spec = UpstreamSpec(cfg.name, cfg.arch, arch_cfg, str(path), checkpoints.file_sha256(path))
     return Upstream(model, spec, normalize)
 
 

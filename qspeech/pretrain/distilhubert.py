@@ -10,15 +10,15 @@ when fp16_asset), <name>.md (model card), summary.json. run_dir=<folder> resumes
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
-from qspeech.errors import ConfigError
 from qspeech.pretrain import cards, common
-from qspeech.pretrain.features import conv_layers, receptive_field
+from qspeech.pretrain.config import DistillRunConfig
+from qspeech.pretrain.mfcc import conv_layers, receptive_field
 
 KIND = "distill"
 
@@ -51,8 +51,8 @@ def init_from_teacher(student, teacher, conv: bool = True, encoder: bool = True,
     return copied
 
 
-def distill_loss(student, teacher, wavs: torch.Tensor, pred_layer_id, cosine: float = 1.0, loss_type: str = "l1",
-                 feat_pen: float = 0.0):
+def distilhubert_loss(student, teacher, wavs: torch.Tensor, pred_layer_id, cosine: float = 1.0,
+                      loss_type: str = "l1", feat_pen: float = 0.0):
     """(loss, metrics) of DistillerForPretrain.compute_loss; `teacher` is a qspeech Upstream (frozen)."""
     with torch.no_grad():
         states = teacher(wavs).hidden_states
@@ -74,45 +74,24 @@ def distill_loss(student, teacher, wavs: torch.Tensor, pred_layer_id, cosine: fl
     return loss, metrics
 
 
-def validate(cfg: DictConfig) -> None:
-    d = cfg.get("distill")
-    if d is None or cfg.get("model") is None or cfg.get("teacher") is None:
-        raise ConfigError("qspeech distill needs the distill, model and teacher groups (conf/distill.yaml)")
-    if cfg.model.arch != "distiller":
-        raise ConfigError(f"qspeech distill trains a distiller; model={cfg.model.name} is a {cfg.model.arch}")
-    if cfg.teacher.arch not in ("hubert", "wav2vec2"):
-        raise ConfigError(f"teacher={cfg.teacher.name} is a {cfg.teacher.arch}; the recipe needs HuBERT/wav2vec 2.0")
-    common.require_positive(d, ["batch_size", "crop_seconds", "steps", "log_every", "ckpt_every"], "distill")
-    common.require_positive(d.optim, ["lr", "warmup", "grad_clip"], "distill.optim")
-    n_teacher = int(cfg.teacher.arch_cfg.get("encoder_layers", 12))
-    ids = list(cfg.model.arch_cfg.get("pred_layer_id", []))
-    if not ids or any(not 1 <= int(i) <= n_teacher for i in ids):
-        raise ConfigError(f"model.arch_cfg.pred_layer_id={ids} must name teacher layers in 1..{n_teacher}")
-    if int(cfg.model.arch_cfg.get("encoder_embed_dim", 768)) != int(cfg.teacher.arch_cfg.get("encoder_embed_dim", 768)) \
-            and d.student.get("init_teacher_encoder_layers"):
-        raise ConfigError("init_teacher_encoder_layers needs the student's encoder_embed_dim to equal the teacher's")
-    if str(cfg.model.arch_cfg.get("extractor_conv_feature_layers")) != str(cfg.teacher.arch_cfg.get("conv_feature_layers")):
-        raise ConfigError("the student's extractor_conv_feature_layers must equal the teacher's conv_feature_layers")
-
-
-def main(cfg: DictConfig) -> dict:
-    """Run the distillation as configured by conf/distill.yaml; returns the summary dict."""
+def main(cfg: DistillRunConfig) -> dict:
+    """Run the distillation as configured by conf/distill.yaml (typed: qspeech.config.to_typed); returns the
+    summary dict."""
     from qspeech.upstream import build_upstream
 
-    validate(cfg)
     d = cfg.distill
     run, t_start = common.start_run(cfg, KIND)
 
     teacher = build_upstream(cfg.teacher)
     teacher.requires_grad_(False)
     teacher.eval()
-    arch_cfg = OmegaConf.to_container(cfg.model.arch_cfg, resolve=True)
-    student_cfg = {**arch_cfg, **OmegaConf.to_container(d.student, resolve=True)}
+    arch_cfg = dict(cfg.model.arch_cfg)
+    student_cfg = {**arch_cfg, **dataclasses.asdict(d.student)}
     torch.manual_seed(int(cfg.seed))
     student = build_student(student_cfg)
     copied = init_from_teacher(student, teacher.model, bool(student_cfg.get("init_teacher_conv_layers")),
                                bool(student_cfg.get("init_teacher_encoder_layers")),
-                               bool(d.get("init_encoder_layer_norm", True)))
+                               d.init_encoder_layer_norm)
     layers = conv_layers(str(arch_cfg["extractor_conv_feature_layers"]))
     window, hop = receptive_field(layers)
     corpus = common.load_corpus(cfg, d, max(window + 4 * hop, int(float(d.min_seconds) * common.SAMPLE_RATE)))
@@ -126,7 +105,7 @@ def main(cfg: DictConfig) -> dict:
 
     def step_fn(step):
         wavs = batches.waves(corpus, step)[0]
-        return distill_loss(student, teacher, wavs, pred_ids, float(student_cfg.get("cosine_loss", 1.0)),
+        return distilhubert_loss(student, teacher, wavs, pred_ids, float(student_cfg.get("cosine_loss", 1.0)),
                             str(student_cfg.get("loss_type", "l1")), float(student_cfg.get("feat_pen_loss", 0.0)))
 
     res = common.train_loop("distill", student, step_fn, int(d.steps), d.optim, run / "state.pt", log,
@@ -151,8 +130,8 @@ def main(cfg: DictConfig) -> dict:
         "seed": int(cfg.seed), "batch_size": int(d.batch_size), "crop_seconds": float(d.crop_seconds),
         "steps": int(d.steps), "first": res["first"], "final": res["last"], "train_wall_s": round(res["wall_s"], 1),
         "wall_s": round(res["wall_s"] + max(0.0, time.time() - t_start - res["wall_this_s"]), 1), "check": check,
-        "command": cfg.get("command_line") or common.command_line(KIND, common.hydra_overrides()),
+        "command": cfg.command_line or common.command_line(KIND, common.hydra_overrides()),
         "env": common.env_info(), "run_dir": str(run), "student_cfg": student_cfg,
-        "optim": OmegaConf.to_container(d.optim, resolve=True),
+        "optim": dataclasses.asdict(d.optim),
     }
     return common.finish_run(cfg, KIND, run, summary, cards.distill_card(summary), out)

@@ -1,9 +1,14 @@
-"""prepare_quantized_upstream: PTQ in place, or QAT by layer-wise distillation from a full-precision teacher
-(DistilHuBERT's L1 + log-sigmoid cosine, or BiT's MSE) with checkpoints, resume and a cache of results."""
+"""Quantization-aware training: prepare_quantized_upstream quantizes an upstream in place, directly (PTQ) or
+by layer-wise distillation of a full-precision copy's hidden states into the quantized model (QAT:
+DistilHuBERT's L1 + log-sigmoid cosine, or BiT's MSE) on unlabeled audio, trained on the one loop
+(qspeech.loop: checkpoints, resume), with a cache of distilled upstreams.
+
+The math lives in the quantization core (qspeech.quant); this module adds the audio, the teacher, the
+stages, the cache and the run folder's records.
+"""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -17,10 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from qspeech.atomic import torch_save_atomic, write_json_atomic
-from qspeech.errors import ConfigError, DataError, TrainingError
-from qspeech.quant.api import quantize_, remove_quantization_
-from qspeech.quant.config import PTQ_METHODS, QuantConfig, cache_dict, validate_quant_config
+from qspeech.data import load_split, read_audio
+from qspeech.errors import ConfigError, DataError
+from qspeech.feature_cache import pad_waves
+from qspeech.loop import Job, LoopConfig, Step, run
+from qspeech.quant import clone_model, get_method, quantize_, remove_quantization_, validate_quant_config
+from qspeech.quant.config import QuantConfig, cache_dict
 from qspeech.quant.targets import select_targets
+from qspeech.upstream import fingerprint
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
@@ -28,13 +37,6 @@ CACHE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------- audio
-
-
-def read_audio(path: str) -> torch.Tensor:
-    """Mono float32 16 kHz waveform (1-D), read by the data layer (DataError on unreadable files)."""
-    from qspeech.data import read_audio as _read
-
-    return torch.from_numpy(np.ascontiguousarray(_read(path), dtype=np.float32))
 
 
 class _AudioSampler:
@@ -50,7 +52,7 @@ class _AudioSampler:
         if path in self.cache:
             self.cache.move_to_end(path)
             return self.cache[path]
-        wav = read_audio(path)
+        wav = torch.from_numpy(np.ascontiguousarray(read_audio(path), dtype=np.float32))
         if wav.numel() < 400:
             raise DataError(f"audio '{path}' is shorter than 25 ms; remove it from the distillation audio")
         self.cache[path] = wav
@@ -68,16 +70,14 @@ class _AudioSampler:
                 start = int(rng.integers(0, w.numel() - self.max_len + 1))
                 w = w[start:start + self.max_len]
             wavs.append(w)
-        from qspeech.features import pad_waves
-
         return pad_waves(wavs)
 
 
 # ----------------------------------------------------------------------------------- losses
 
 
-def distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], lengths: torch.Tensor,
-                 kind: str = "l1_cos", cos_weight: float = 1.0) -> torch.Tensor:
+def layer_distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], lengths: torch.Tensor,
+                       kind: str = "l1_cos", cos_weight: float = 1.0) -> torch.Tensor:
     """Mean over layers of the per-frame loss over valid frames: L1 - cos_weight*log sigmoid(cos)
     (DistilHuBERT) or MSE (BiT)."""
     frames = student[0].shape[1]
@@ -118,26 +118,10 @@ def _audio_signature(paths) -> list:
 
 
 def quant_cache_key(upstream, cfg: QuantConfig, bits: int, audio_paths) -> str:
-    from qspeech.upstream import fingerprint
-
     payload = json.dumps({"v": CACHE_VERSION, "upstream": fingerprint(upstream), "quant": cache_dict(cfg),
                           "bits": int(bits), "audio": _audio_signature(audio_paths or [])},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-
-
-def clone_upstream(upstream):
-    """deepcopy that also works with the hook-based weight_norm (whose cached .weight is not a leaf)."""
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    with torch.no_grad():
-        for m in upstream.modules():
-            for hook in m._forward_pre_hooks.values():
-                if isinstance(hook, WeightNorm):
-                    setattr(m, hook.name, hook.compute_weight(m))
-    return copy.deepcopy(upstream)
 
 
 def _freeze(upstream):
@@ -150,69 +134,64 @@ def _freeze(upstream):
 # ----------------------------------------------------------------------------------- distillation
 
 
+class DistillStage(Job):
+    """One QAT stage as the loop's job: the quantized student learns the (frozen) teacher's hidden states on
+    the sampler's batches. The student stays in eval mode (no dropout: deterministic, and better for short
+    runs; gradients still flow); its CNN trains when some of its modules are quantized."""
+
+    def __init__(self, student, teacher, sampler: _AudioSampler, cfg: QuantConfig, stage: int, bits: int, key: str):
+        self.student, self.teacher, self.sampler, self.cfg = student, teacher, sampler, cfg
+        self.stage, self.bits, self.key, self.losses = stage, bits, key, []
+        student.eval()
+        student.requires_grad_(True)
+        student.cnn_grad = any(n.startswith("feature_extractor.") for n in
+                               select_targets(student.model, bits, cfg.targets, cfg.exclude, cfg.overrides))
+        teacher.eval()
+        teacher.requires_grad_(False)
+        self.model = student.model
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+
+    def step(self, index: int) -> Step:
+        wavs, lens = self.sampler.batch(self.stage, index)
+        with torch.no_grad():
+            t = self.teacher(wavs, lens)
+        s = self.student(wavs, lens)
+        loss = layer_distill_loss(s.hidden_states, t.hidden_states, s.lengths, self.cfg.distill_loss,
+                                  self.cfg.cos_weight)
+        self.losses.append(loss.item())
+        return Step(loss)
+
+    def log(self, step: int, averages: dict[str, float], lr: float, wall_s: float) -> dict:
+        log.info("distill %s %d-bit step %d/%d loss %.4f", self.cfg.method, self.bits, step, int(self.cfg.steps),
+                 averages["loss"])
+        return {"loss": f"{averages['loss']:.4f}"}
+
+    def state(self) -> dict:
+        return {"key": self.key, "stage": self.stage, "bits": self.bits, "losses": self.losses}
+
+    def accepts(self, state: dict) -> bool:
+        return state.get("key") == self.key and state.get("stage") == self.stage
+
+    def load(self, state: dict) -> None:
+        self.losses = list(state["losses"])
+        log.info("resuming distillation stage %d at step %d", self.stage, state["step"])
+
+
 def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: QuantConfig, stage: int, bits: int,
                    key: str, ckpt: Path | None, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    student.eval()  # no dropout: deterministic and better for short runs; gradients still flow
-    student.requires_grad_(True)
-    student.cnn_grad = any(n.startswith("feature_extractor.") for n in
-                           select_targets(student.model, bits, cfg.targets, cfg.exclude, cfg.overrides))
-    teacher.eval()
-    teacher.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
-    start, losses = 0, []
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("key") == key and state.get("stage") == stage:
-            student.model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optim"])
-            start, losses = int(state["step"]), list(state["losses"])
-            log.info("resuming distillation stage %d at step %d from %s", stage, start, ckpt)
-
-    def save(step):
-        if ckpt is not None:
-            torch_save_atomic({"key": key, "stage": stage, "bits": bits, "step": step, "model": student.model.state_dict(),
-                          "optim": opt.state_dict(), "losses": losses}, ckpt)
-
-    steps = int(cfg.steps)
+    """Train one stage (resuming from `ckpt` when it holds this stage's state); the student ends frozen."""
+    job = DistillStage(student, teacher, sampler, cfg, stage, bits, key)
     t0 = time.time()
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"distill {cfg.method} {bits}-bit", leave=False)
-    for step in range(start, steps):
-        wavs, lens = sampler.batch(stage, step)
-        with torch.no_grad():
-            t = teacher(wavs, lens)
-        s = student(wavs, lens)
-        loss = distill_loss(s.hidden_states, t.hidden_states, s.lengths, cfg.distill_loss, cfg.cos_weight)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"quantization-aware distillation diverged at step {step} (loss {loss.item()}); "
-                                "lower quant.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip and cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, float(cfg.grad_clip))
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1)
-        if (step + 1) % max(1, int(cfg.log_every)) == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-int(cfg.log_every):]):.4f}")
-            log.info("distill %s %d-bit step %d/%d loss %.4f", cfg.method, bits, step + 1, steps, losses[-1])
-        if ckpt is not None and cfg.ckpt_every and (step + 1) % int(cfg.ckpt_every) == 0 and step + 1 < steps:
-            save(step + 1)
-    bar.close()
-    if start < steps:
-        save(steps)
+    res = run(job, LoopConfig(
+        total=int(cfg.steps), desc=f"distill {cfg.method} {bits}-bit", grad_clip=cfg.grad_clip,
+        log_every=max(1, int(cfg.log_every)), ckpt_every=int(cfg.ckpt_every or 0) or None, state_path=ckpt,
+        progress=progress, hint="lower quant.lr"))
     _freeze(student)
-    return {"stage": stage, "bits": bits, "steps": steps, "resumed_at": start, "seconds": round(time.time() - t0, 2),
-            "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-10:])) if losses else None}
-
-
-def distill_stages(cfg: QuantConfig, bits: int) -> list[int]:
-    """Bits of each distillation stage: BiT at 1 bit goes FP -> 2-bit -> 1-bit."""
-    if cfg.method == "bit" and bits == 1 and cfg.multi_distill:
-        return [2, 1]
-    return [bits]
+    losses = job.losses
+    return {"stage": stage, "bits": bits, "steps": int(cfg.steps), "resumed_at": res.resumed_from,
+            "seconds": round(time.time() - t0, 2), "loss_first": losses[0] if losses else None,
+            "loss_last": float(np.mean(losses[-10:])) if losses else None}
 
 
 def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] | None = None,
@@ -229,7 +208,7 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
     chosen = select_targets(upstream.model, bits, cfg.targets, cfg.exclude, cfg.overrides)
     if not chosen:
         return _freeze(upstream)
-    if cfg.method in PTQ_METHODS or int(cfg.steps) == 0:
+    if not get_method(cfg.method).needs_distillation or int(cfg.steps) == 0:
         return _freeze(quantize_(upstream, cfg, bits))
     if not audio_paths:
         raise ConfigError(f"quant.method={cfg.method} distils the quantized upstream on unlabeled audio, but no audio "
@@ -249,29 +228,47 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
         _write_info(run_dir, info)
         return _freeze(upstream)
 
-    sampler = _AudioSampler(audio_paths, cfg.batch_size, cfg.max_seconds, cfg.seed)
-    torch.manual_seed(int(cfg.seed))
-    teacher = _freeze(clone_upstream(upstream))
-    previous = None
-    stages = []
     t0 = time.time()
-    for i, b in enumerate(distill_stages(cfg, bits)):
-        if previous is None:
-            student = clone_upstream(upstream)
-        else:  # the next student starts from the previous student's latent weights
-            student = clone_upstream(previous)
-            remove_quantization_(student.model, keep="latent")
-        quantize_(student, cfg, b)
-        ckpt = run_dir / "quant_ckpt" / f"stage{i}_b{b}.pt" if run_dir else None
-        stages.append(_distill_stage(student, teacher, sampler, cfg, i, b, key, ckpt, progress))
-        teacher, previous = student, student
+    student = _distill(upstream, cfg, bits, audio_paths, key, run_dir, progress, info)
     quantize_(upstream, cfg, bits)
-    upstream.model.load_state_dict(previous.model.state_dict())
-    info.update(stages=stages, seconds=round(time.time() - t0, 2), from_cache=False)
+    upstream.model.load_state_dict(student.model.state_dict())
+    info.update(seconds=round(time.time() - t0, 2), from_cache=False)
     if cache_file is not None:
         torch_save_atomic({"model": upstream.model.state_dict(), "info": info}, cache_file)
     _write_info(run_dir, info)
     return _freeze(upstream)
+
+
+def quantize_upstream(cfg, upstream, run_dir=None, progress: bool = True):
+    """The upstream quantized as the run config says (cfg.quant at cfg.bits); a method that needs audio (QAT)
+    distils on the unlabeled audio of the data's training split. Shared by `qspeech run` and `export`."""
+    audio = None
+    if int(cfg.bits) < 32 and get_method(cfg.quant.method).needs_audio:
+        audio = [u.path for u in load_split(cfg.data, "train", cfg.cache_dir)]
+    return prepare_quantized_upstream(upstream, cfg.quant, int(cfg.bits), audio, cfg.cache_dir,
+                                      run_dir=run_dir, progress=progress)
+
+
+def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key: str, run_dir: Path | None,
+             progress: bool, info: dict):
+    """The method's distillation stages (BiT at 1 bit: FP -> 2-bit -> 1-bit), each stage's teacher the
+    previous stage's student; returns the last student and records the stages in info["stages"]."""
+    sampler = _AudioSampler(audio_paths, cfg.batch_size, cfg.max_seconds, cfg.seed)
+    torch.manual_seed(int(cfg.seed))
+    teacher = _freeze(clone_model(upstream))
+    previous = None
+    info["stages"] = []
+    for i, b in enumerate(get_method(cfg.method).distill_stages(cfg, bits)):
+        if previous is None:
+            student = clone_model(upstream)
+        else:  # the next student starts from the previous student's latent weights
+            student = clone_model(previous)
+            remove_quantization_(student.model, keep="latent")
+        quantize_(student, cfg, b)
+        ckpt = run_dir / "quant_ckpt" / f"stage{i}_b{b}.pt" if run_dir else None
+        info["stages"].append(_distill_stage(student, teacher, sampler, cfg, i, b, key, ckpt, progress))
+        teacher, previous = student, student
+    return previous
 
 
 def _write_info(run_dir: Path | None, info: dict) -> None:

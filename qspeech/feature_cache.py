@@ -245,22 +245,27 @@ def build(upstream, utts: Sequence, read_audio: Callable[[str], np.ndarray], pat
                 "utt_ids": [utts[i].utt_id for i in kept], "index": [list(index[i]) for i in kept],
                 "skipped": skipped, "upstream_s": up_s, "upstream_utts_per_s": n_up / up_s if up_s else None,
                 "created": time.time()}
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished the same cache first, or a broken dir is in the way
-            try:
-                return FeatureStore.open(path)
-            except (ValueError, OSError):
-                shutil.rmtree(path, ignore_errors=True)
-                os.rename(tmp, path)
-        return FeatureStore.open(path)
+        return _publish(tmp, path, meta)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, path: Path, meta: dict) -> FeatureStore:
+    """Complete the cache built in `tmp` with its meta.json and rename it into place."""
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished the same cache first, or a broken dir is in the way
+        try:
+            return FeatureStore.open(path)
+        except (ValueError, OSError):
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+    return FeatureStore.open(path)
 
 
 def load_or_build(upstream, upstream_key: str, data_fingerprint: str, utts: Sequence,
