@@ -121,3 +121,31 @@ def test_no_torchaudio_import():
     import qspeech.cli, qspeech.cost, qspeech.upstream  # noqa: E401,F401
 
     assert "torchaudio" not in sys.modules
+
+
+def test_fbank_upstream_matches_the_kaldi_mfcc_and_the_cnn_frames():
+    # FBANK's log-mel energies, through the DCT and lifter, are the (separately written) Kaldi-style MFCCs;
+    # it has as many frames as tiny_hubert's CNN, so the same downstream head applies.
+    import numpy as np
+
+    from qspeech.pretrain.mfcc import _dct, mfcc
+    from qspeech.upstream.fbank import Fbank
+
+    wav = (np.random.default_rng(0).standard_normal(16000 * 2) * 0.1).astype(np.float32)
+    fb = Fbank(n_mels=23, cmvn=False)(torch.from_numpy(wav)[None], torch.tensor([len(wav)]))[0].double().numpy()
+    ceps = fb @ _dct(23, 13)
+    ceps = ceps * (1.0 + 0.5 * 22.0 * np.sin(np.pi * np.arange(13) / 22.0))
+    ref = mfcc(wav, n_deltas=0, cmn=False)
+    np.testing.assert_allclose(ceps, ref, rtol=1e-4, atol=1e-3)
+
+    fbank = build_upstream(model_cfg("fbank"))
+    tiny = random_upstream()
+    wavs, lens = torch.randn(2, 20000) * 0.1, torch.tensor([20000, 13333])
+    out, ref_out = fbank(wavs, lens), tiny(wavs, lens)
+    assert torch.equal(out.lengths, ref_out.lengths)
+    assert out.hidden_states[0].shape[:2] == ref_out.hidden_states[0].shape[:2]
+    # per-utterance CMVN over the valid frames only; padding stays zero
+    h = out.hidden_states[0][1, : out.lengths[1]]
+    assert h.mean(0).abs().max() < 1e-4 and (h.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    assert out.hidden_states[0][1, out.lengths[1]:].abs().max() == 0
+    assert sum(p.numel() for p in fbank.parameters()) == 0

@@ -340,7 +340,7 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
     data_fps = {s: data.config_fingerprint(cfg.data, s) for s in splits}
 
     device = resolve_device(trcfg)
-    orig_device = next(upstream.parameters()).device
+    orig_device = next(iter(upstream.parameters()), torch.empty(0)).device  # FBANK has no parameters
     upstream.eval().requires_grad_(False).to(device)
 
     est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in utts[s])) for s in splits)

@@ -16,6 +16,10 @@ def build_upstream(cfg: ModelConfig) -> Upstream:
     """The upstream of the `model` config group: random weights (init=random) or a checkpoint (ckpt, else
     the packaged asset, else the url)."""
     arch_cfg = dict(cfg.arch_cfg)
+    if cfg.arch == "fbank":  # no weights: init, ckpt and asset do not apply
+        from qspeech.upstream.fbank import FbankUpstream
+
+        return FbankUpstream(UpstreamSpec(cfg.name, cfg.arch, arch_cfg, "none", None))
     if cfg.init == "random":
         model, normalize = builders.build_random(cfg.arch, arch_cfg)
         spec = UpstreamSpec(cfg.name, cfg.arch, arch_cfg, "random", None)

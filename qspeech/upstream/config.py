@@ -7,7 +7,7 @@ from typing import Any
 
 from qspeech.checks import choice, need
 
-ARCHS = ("hubert", "wav2vec2", "distiller", "wavlm")
+ARCHS = ("hubert", "wav2vec2", "distiller", "wavlm", "fbank")
 INITS = ("pretrained", "random")
 
 
@@ -17,7 +17,7 @@ class ModelConfig:
     default stays empty because composing merges an option's arch_cfg into it (keys cannot be removed)."""
 
     name: str = "hubert"
-    arch: str = "hubert"  # hubert | wav2vec2 | distiller | wavlm
+    arch: str = "hubert"  # hubert | wav2vec2 | distiller | wavlm | fbank (log-mel features, no weights)
     # Checkpoint download (s3prl's converted format).
     url: str | None = "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt"
     ckpt: str | None = None  # a local checkpoint in s3prl's format instead of the download

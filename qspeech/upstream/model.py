@@ -43,7 +43,7 @@ class Upstream(nn.Module):
         self.model = model
         self.spec = spec
         self.normalize = normalize
-        if spec.arch != "distiller":
+        if hasattr(model, "encoder"):  # s3prl transformers (not DistilHuBERT's, nor FBANK)
             model.encoder.layerdrop = 0.0
         # s3prl's experts run the CNN without autograd; QAT turns this back on (cnn_grad=True).
         self.cnn_grad = False
