@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from qspeech.checks import choice, integer, need, number
-from qspeech.errors import DataError
+from qspeech.errors import ConfigError, DataError
 from qspeech.tasks.config import Task, TaskConfig
 from qspeech.tasks.ctc import greedy_decode
 from qspeech.tasks.metrics import TaskMetrics
@@ -75,6 +75,9 @@ class ASRConfig(TaskConfig):
     lr: float = 1.0e-4  # Adam, no scheduler
     zero_infinity: bool = True  # CTC: utterances with more labels than frames contribute 0
     select_metric: str = "wer"  # dev metric that picks the best checkpoint: wer (SUPERB) | cer
+    # null: the weighted sum of all hidden states (SUPERB); k: hidden state k alone (0 = CNN projection),
+    # to see what each layer holds (the README's diagnosis table).
+    layer: int | None = None
     specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
 
     def __post_init__(self):
@@ -85,6 +88,7 @@ class ASRConfig(TaskConfig):
         number(self, "dropout", 0, 1, hi_open=True)
         number(self, "lr", 0, lo_open=True)
         choice(self, "select_metric", ("wer", "cer"))
+        integer(self, "layer", 0, optional=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -158,6 +162,9 @@ class ASRHead(nn.Module):
 
     def __init__(self, num_hidden: int, hidden_dim: int, vocab_size: int, cfg: ASRConfig):
         super().__init__()
+        if cfg.layer is not None and cfg.layer >= num_hidden:
+            raise ConfigError(f"task.layer={cfg.layer}: the upstream has hidden states 0..{num_hidden - 1}")
+        self.layer = cfg.layer
         self.featurizer = Featurizer(num_hidden, cfg.featurizer_normalize)
         self.specaug = SpecAugment(cfg.specaug)
         self.stride = cfg.frame_stride
@@ -173,7 +180,7 @@ class ASRHead(nn.Module):
 
     def forward(self, hs: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hs: (B, F, L, D) hidden states; lens: (B,) frames. Returns logits (B, F // stride, vocab), lengths."""
-        x = self.featurizer(hs)
+        x = self.featurizer(hs) if self.layer is None else hs[:, :, self.layer]
         x = self.specaug(x, lens)
         if self.stride > 1:
             B, T, D = x.shape
