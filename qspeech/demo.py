@@ -1,7 +1,7 @@
 """`qspeech demo` / `make demo`: the paper's study in miniature on the offline default.
 
-tiny_hubert at 32/8/4/2/1 bits with rtn and with BiT-style QAT, its random-initialised twin and
-tiny_distilhubert, all on the ASR task of the synthesized corpus; then the report. Jobs run as separate
+tiny_hubert at 32/8/4/2/1 bits with rtn and with BiT-style QAT, its random-initialised twin,
+tiny_distilhubert and FBANK (log-mel features, no upstream: what pretraining adds), all on the ASR task of the synthesized corpus; then the report. Jobs run as separate
 `qspeech run` processes (two at a time, one thread each: on two cores that beats one job with two
 threads). Rerunning reuses everything: each experiment's folder, trained head, features and QAT cache.
 """
@@ -25,6 +25,7 @@ STUDY: list[tuple[str, list[str]]] = [
     *[(f"tiny_hubert bit (QAT) {b}-bit", ["quant=bit", f"bits={b}"]) for b in (2, 1)],
     ("tiny_hubert random init", ["model.init=random", "bits=32"]),
     ("tiny_distilhubert full precision", ["model=tiny_distilhubert", "bits=32"]),
+    ("fbank (no upstream)", ["model=fbank", "bits=32"]),
 ]
 
 
