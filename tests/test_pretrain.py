@@ -224,7 +224,7 @@ def test_distiller_checkpoint_reloads_exactly(tmp_path):
 # -------------------------------------------------------------------------------------- configs + main
 def test_primary_configs_compose_and_validate():
     p = compose("pretrain")  # typed and checked (qspeech.pretrain.config)
-    assert p.model.name == "tiny_hubert" and p.pretrain.iterations[0].targets == "mfcc"
+    assert p.model.name == "tiny_hubert" and p.pretrain.iterations[0].targets == "teacher"
     d = compose("distill")
     assert d.teacher.name == "tiny_hubert" and d.model.name == "tiny_distilhubert"
     with pytest.raises(ConfigError, match="previous iteration"):
