@@ -192,6 +192,10 @@ def plot(table: pd.DataFrame, path: Path) -> Path | None:
             ax = axes[row_i][col_i]
             for (model, init, quant), grp in part.groupby(["model", "init", "quant"], sort=False):
                 grp = grp.sort_values("bits")
+                if (grp["storage_mb"].astype(float) == 0).all():  # FBANK: no weights, no upstream cost
+                    ax.axhline(float(grp["value"].iloc[0]), linestyle="--", color="gray", linewidth=1,
+                               label=f"{model} (no upstream)")
+                    continue
                 own = grp
                 if quant != "fp":  # each quantizer's curve starts at its full-precision point
                     fp = part[(part["model"] == model) & (part["init"] == init) & (part["quant"] == "fp")]
