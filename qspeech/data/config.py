@@ -25,8 +25,8 @@ def _per_split(value=None) -> dict:
 class MiniConfig:
     """The synthesized (eSpeak NG) LibriSpeech-layout corpus. Counts are utterances / voices per split."""
 
-    n_train: int = 2000
-    n_dev: int = 200
+    n_train: int = 800
+    n_dev: int = 100
     n_test: int = 200
     n_unlabeled: int = 3000
     # Speakers are eSpeak voice+accent combinations, disjoint between train, dev and test.
@@ -36,11 +36,11 @@ class MiniConfig:
     # `unlabeled` uses every train speaker plus this many voices of its own (never dev or test voices).
     unlabeled_speakers: int = 80
     min_words: int = 3
-    max_words: int = 12
+    max_words: int = 8
     # Utterances longer than this (after synthesis) are cut to fewer words.
-    max_seconds: float = 6.0
+    max_seconds: float = 4.5
     # Sentences draw their content words from the wordfreq English list's top `vocab_size` words.
-    vocab_size: int = 20000
+    vocab_size: int = 300
     # Per-speaker base speaking rate (eSpeak words per minute) and pitch (0-100) ranges;
     # each utterance jitters around its speaker's base.
     rate: list[float] = field(default_factory=lambda: [140.0, 210.0])
