@@ -104,3 +104,12 @@ def test_offline_hubert_run_is_a_clear_error_and_a_failed_result(tmp_path):
                    "model.url=http://127.0.0.1:9/hubert_base_ls960.pt", cwd=tmp_path)
     line = _one_error_line(proc)
     assert "http://127.0.0.1:9/hubert_base_ls960.pt" in line or "data.root" in line
+
+
+def test_python_dash_m_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qspeech", "run", "experiment=smoke", "seed=abc"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "seed=abc" in out.stderr and "Traceback" not in out.stderr

@@ -14,6 +14,8 @@ import functools
 
 import numpy as np
 
+from qspeech.upstream.fbank import kaldi_mel_banks
+
 SAMPLE_RATE = 16_000
 
 
@@ -42,26 +44,6 @@ def num_frames(num_samples: int, layers) -> int:
     for _, k, s in layers:
         n = (n - k) // s + 1
     return max(n, 0)
-
-
-def _mel(hz):
-    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
-
-
-@functools.lru_cache(maxsize=8)
-def _mel_banks(n_mels: int, n_fft: int, sr: int, low: float, high: float) -> np.ndarray:
-    """Kaldi's triangular filters on the mel scale: (n_mels, n_fft // 2 + 1)."""
-    high = high if high > 0 else sr / 2 + high
-    mel_lo, mel_hi = _mel(low), _mel(high)
-    delta = (mel_hi - mel_lo) / (n_mels + 1)
-    fft_mel = _mel(np.arange(n_fft // 2 + 1) * sr / n_fft)
-    banks = np.zeros((n_mels, n_fft // 2 + 1))
-    for m in range(n_mels):
-        left, center, right = mel_lo + m * delta, mel_lo + (m + 1) * delta, mel_lo + (m + 2) * delta
-        up = (fft_mel - left) / (center - left)
-        down = (right - fft_mel) / (right - center)
-        banks[m] = np.maximum(0.0, np.minimum(up, down))
-    return banks
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,7 +96,7 @@ def mfcc(
     frames = frames * (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(window) / (window - 1))) ** 0.85  # Povey
     n_fft = 1 << (window - 1).bit_length()
     power = np.abs(np.fft.rfft(frames, n=n_fft, axis=1)) ** 2
-    fbank = np.log(np.maximum(power @ _mel_banks(n_mels, n_fft, sample_rate, low_freq, high_freq).T, np.finfo(np.float32).eps))
+    fbank = np.log(np.maximum(power @ kaldi_mel_banks(n_mels, n_fft, sample_rate, low_freq, high_freq).T, np.finfo(np.float32).eps))
     ceps = fbank @ _dct(n_mels, n_ceps)
     ceps = ceps * (1.0 + 0.5 * lifter * np.sin(np.pi * np.arange(n_ceps) / lifter))
     if cmn:

@@ -15,13 +15,13 @@ Utterances are packed end to end (on 320-sample boundaries, with 0.2 s of silenc
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from qspeech.errors import ConfigError
+from qspeech.upstream.checkpoints import file_sha256
 
 SAMPLE_RATE = 16_000
 N_FFT, HOP, N_MELS = 400, 160, 80
@@ -93,11 +93,7 @@ class WhisperEncoder:
         self.model = ctranslate2.models.Whisper(str(self.dir), device="cpu", intra_threads=int(threads))
 
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        with open(self.dir / "model.bin", "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return file_sha256(self.dir / "model.bin")
 
     def encode(self, wav: np.ndarray) -> np.ndarray:
         """Encoder output for one window of at most 30 s: (1500, 384)."""

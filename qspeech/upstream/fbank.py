@@ -9,29 +9,33 @@ It has no weights: nothing to quantize, no storage, and its MACs are not counted
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from qspeech.upstream.model import SAMPLE_RATE, Upstream, UpstreamOutput, UpstreamSpec
 
 
-def _mel(hz: torch.Tensor) -> torch.Tensor:
-    return 1127.0 * torch.log1p(hz / 700.0)
+def _mel(hz):
+    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
 
 
-def mel_banks(n_mels: int, n_fft: int, sr: int = SAMPLE_RATE, low: float = 20.0, high: float = 0.0) -> torch.Tensor:
-    """Kaldi's triangular filters on the mel scale: (n_mels, n_fft // 2 + 1)."""
+@functools.lru_cache(maxsize=8)
+def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int = SAMPLE_RATE, low: float = 20.0, high: float = 0.0) -> np.ndarray:
+    """Kaldi's triangular filters on the mel scale: (n_mels, n_fft // 2 + 1), float64 (also the MFCCs' of
+    qspeech.pretrain.mfcc)."""
     high = high if high > 0 else sr / 2 + high
-    mel_lo, mel_hi = _mel(torch.tensor(low, dtype=torch.float64)), _mel(torch.tensor(high, dtype=torch.float64))
+    mel_lo, mel_hi = _mel(low), _mel(high)
     delta = (mel_hi - mel_lo) / (n_mels + 1)
-    fft_mel = _mel(torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sr / n_fft)
-    m = torch.arange(n_mels, dtype=torch.float64)[:, None]
+    fft_mel = _mel(np.arange(n_fft // 2 + 1) * sr / n_fft)
+    m = np.arange(n_mels)[:, None]
     left, center, right = mel_lo + m * delta, mel_lo + (m + 1) * delta, mel_lo + (m + 2) * delta
     up = (fft_mel[None] - left) / (center - left)
     down = (right - fft_mel[None]) / (right - center)
-    return torch.clamp(torch.minimum(up, down), min=0.0).float()
+    return np.maximum(0.0, np.minimum(up, down))
 
 
 class Fbank(nn.Module):
@@ -43,7 +47,7 @@ class Fbank(nn.Module):
         self.n_fft = 1 << (window - 1).bit_length()
         povey = (0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(window) / (window - 1))) ** 0.85
         self.register_buffer("povey", povey.float(), persistent=False)
-        self.register_buffer("banks", mel_banks(n_mels, self.n_fft), persistent=False)
+        self.register_buffer("banks", torch.from_numpy(kaldi_mel_banks(n_mels, self.n_fft)).float(), persistent=False)
 
     def frames(self, n_samples: torch.Tensor) -> torch.Tensor:
         return (torch.div(n_samples - self.window, self.hop, rounding_mode="floor") + 1).clamp(min=0)

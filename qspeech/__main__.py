@@ -1,0 +1,5 @@
+"""`python -m qspeech ...` is the `qspeech` command."""
+
+from qspeech.cli import main
+
+main()
