@@ -8,7 +8,7 @@ S3PRL   ?= s3prl==0.4.18
 
 .PHONY: install test test-all demo report assets bench clean-outputs
 
-$(BIN)/qspeech: pyproject.toml
+$(BIN)/qspeech: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"

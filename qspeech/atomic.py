@@ -1,16 +1,23 @@
 """Atomic file writes: write beside the target, rename over it only when complete, so a crash or a
-parallel reader never sees a half-written result, checkpoint or cache file."""
+parallel reader never sees a half-written result, checkpoint or cache file. Also the checks and the lock that
+keep file-system faults and concurrent runners from becoming tracebacks or doubled work."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from qspeech.errors import RunLockedError, StorageError
 
 
 _UMASK = os.umask(0)
@@ -27,6 +34,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should be readable like any other
     try:
         yield Path(tmp)
+        # again: a writer that recreates the file (safetensors' save_file) makes it 0600 once more
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -63,3 +72,105 @@ def torch_save_atomic(obj: Any, path: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+# ---------------------------------------------------------------- folders that must be writable
+def _os_reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _writable(folder: Path) -> bool:
+    # access() answers for root too on a read-only mount (EROFS); tests replace it to simulate one
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be used as a writable folder (created if missing), or None. Looks only, creates
+    nothing: the nearest existing ancestor must be a folder we may write into."""
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    for q in (p, *p.parents):
+        if not os.path.lexists(q):
+            continue
+        if not q.is_dir():
+            return f"{q} is a file, not a folder"
+        if not _writable(q):
+            return f"{q} is not writable"
+        return None
+    return None
+
+
+def ensure_folder(path: str | Path, what: str, fix: str) -> Path:
+    """mkdir -p `path`; StorageError "what path: reason; fix" (one line) if it cannot be created or written."""
+    problem = folder_problem(path)
+    if problem is None:
+        try:
+            Path(path).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problem = f"cannot create it ({_os_reason(e)})"
+    if problem is not None:
+        raise StorageError(f"{what} {path}: {problem}; {fix}")
+    return Path(path).expanduser()
+
+
+def storage_error(e: OSError, what: str) -> StorageError | None:
+    """The one-line error for a write that failed because of the file system (full, read-only, no
+    permission, a file in the way), or None for other OSErrors (those are bugs and keep their traceback)."""
+    codes = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+    if e.errno not in codes:
+        return None
+    where = f" ({e.filename})" if e.filename else ""
+    return StorageError(f"cannot write {what}{where}: {_os_reason(e)}; free space or choose a writable folder")
+
+
+# ---------------------------------------------------------------- one runner per folder
+LOCK_FILE = ".qspeech.lock"
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 200).decode(errors="replace").strip()
+
+
+def _describe_holder(text: str) -> str:
+    """'pid N on HOST since T' from the lock file's 'N HOST T' line (what the refusal names)."""
+    parts = text.split()
+    return f"pid {parts[0]} on {parts[1]} since {parts[2]}" if len(parts) >= 3 else "another process"
+
+
+def _try_lock(fd: int, folder) -> bool:
+    """flock `fd` exclusively without waiting: True when held, False on a file system without flock (some
+    network mounts: the run goes on unlocked, as before the lock existed); RunLockedError when held."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunLockedError(
+            f"{folder} is in use by another qspeech run of the same experiment ({_describe_holder(_holder(fd))}); "
+            "wait for it to finish, or stop it and rerun the same command to resume") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        return False
+    return True
+
+
+@contextmanager
+def folder_lock(folder: str | Path) -> Iterator[str | None]:
+    """Hold an exclusive lock on `folder` (its LOCK_FILE) for the block. flock is released by the kernel
+    when its holder dies, kill -9 included (unlike a pid check, this holds across hosts and pid reuse), so a
+    stale lock is simply taken over; the file's "pid host time" line only names the holder. Yields the stale
+    holder's line when one was taken over, else None. RunLockedError if a live process holds it."""
+    fd = os.open(Path(folder) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        if not _try_lock(fd, folder):
+            yield None
+            return
+        # the lock was free but the file still names a holder: that process died without releasing it
+        stale = _holder(fd) or None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        try:
+            yield stale
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves no holder behind; a killed one leaves its line (stale)
+    finally:
+        os.close(fd)  # releases the flock

@@ -29,17 +29,32 @@ from omegaconf import MISSING, DictConfig, open_dict
 import qspeech.quant.methods  # noqa: F401 - registers the built-in methods, whose schemas are stored below
 from qspeech.checks import instantiate, integer, need, number
 from qspeech.data.config import DataConfig
+from qspeech.loggers import LoggerConfig
 from qspeech.quant.config import QuantConfig, check_bits
 from qspeech.quant.registry import quant_schemas
 from qspeech.tasks import TaskConfig, task_schemas
 from qspeech.train import TrainConfig
 from qspeech.upstream.config import ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "quant", "task", "data", "train", "experiment")
-BITS = (1, 2, 3, 4, 8, 16, 32)
 
-__all__ = ["BITS", "CONF_DIR", "GROUPS", "BenchConfig", "CostConfig", "RunConfig", "group_options", "output_dir",
+
+def _conf_dir() -> Path:
+    """The config folder: qspeech/conf inside an installed wheel (setup.py maps the repository's top-level
+    conf/ there), else the checkout's conf/ beside the package (editable installs, running from the repo).
+    The packaged copy is looked for first: a stray top-level `conf` in site-packages is never ours."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else here.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+GROUPS = ("model", "quant", "task", "data", "train", "experiment", "logger", "hparams_search")
+BITS = (1, 2, 3, 4, 8, 16, 32)
+# What a sweeper may optimise (optimized_metric): a dev score, or the accounting of result.json. Never a test
+# score: the test set is reported once, for the configuration the dev set chose.
+ACCOUNTING_METRICS = ("storage_mb", "est_runtime", "params", "quantized_params", "macs")
+
+__all__ = ["ACCOUNTING_METRICS", "BITS", "CONF_DIR", "GROUPS", "BenchConfig", "CostConfig", "RunConfig", "group_options", "output_dir",
            "register_schema", "to_typed"]
 
 
@@ -99,12 +114,22 @@ class RunConfig:
     cost: CostConfig = field(default_factory=CostConfig)
     export: bool = True  # write the bit-packed upstream (safetensors) at the end of a run
     bench: BenchConfig = field(default_factory=BenchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # What `qspeech run` returns to a sweeper (conf/hparams_search/): "dev" (the dev score of the task's
+    # metric, e.g. dev WER), another dev_<metric> the task reports, or an accounting value (storage_mb,
+    # est_runtime, ...); a list of them for a multi-objective sweep. Never a test score.
+    optimized_metric: Any = "dev"
 
     def __post_init__(self):
         need(self.bits in BITS and not isinstance(self.bits, bool), "bits", self.bits,
              f"is not supported; choose one of {', '.join(map(str, BITS))} (32 = full precision)")
         integer(self, "seed", 0)
         check_bits(self.quant.method, self.bits)  # what the method implements
+        names = self.optimized_metric if isinstance(self.optimized_metric, list) else [self.optimized_metric]
+        need(bool(names) and all(isinstance(n, str) and (n == "dev" or n.startswith("dev_") or n in ACCOUNTING_METRICS)
+                                 for n in names), "optimized_metric", self.optimized_metric,
+             f"must be dev, dev_<metric> or one of {', '.join(ACCOUNTING_METRICS)} (or a list of them); "
+             f"never a test score")
 
 
 def register_schema(name: str, node: type, group: str | None = None) -> None:
@@ -116,6 +141,7 @@ def _register() -> None:
     register_schema("_schema", ModelConfig, "model")
     register_schema("_schema", TrainConfig, "train")
     register_schema("_schema", DataConfig, "data")
+    register_schema("_schema", LoggerConfig, "logger")
     for group, schemas in (("quant", quant_schemas()), ("task", task_schemas())):
         for kind, schema in schemas.items():
             register_schema(f"_schema_{kind}", schema, group)

@@ -25,6 +25,12 @@ from qspeech.records import Record, renamed
 BASELINE_BITS = 16  # storage of every non-quantized parameter and of scales
 REFERENCE_BITS = 32  # runtime reference
 
+# Summary groups of `qspeech cost`, in the order of the forward pass (module kinds: qspeech.quant.targets).
+GROUP_OF_KIND = {"cnn": "CNN", "proj": "projection", "pos_conv": "pos_conv", "norm": "norms",
+                 "attention": "attention matmuls", "heads": "prediction heads"}
+GROUP_ORDER = ("CNN", "norms", "projection", "pos_conv", "attention linears", "attention matmuls", "FFN",
+               "prediction heads")
+
 OverheadFn = Callable[[tuple, int], int]  # (weight shape, bits) -> number of 16-bit scale values
 
 
@@ -42,8 +48,24 @@ class ModuleCost(Record):
     def quantized(self) -> bool:
         return self.bits < REFERENCE_BITS
 
+    @property
+    def stored_bits(self) -> int | None:
+        """The bits its weight is stored (and counted) at: `bits` if quantized, else the 16-bit baseline;
+        None for a row without parameters (the attention matmuls)."""
+        if not self.params:
+            return None
+        return self.bits if self.quantized else BASELINE_BITS
+
+    @property
+    def group(self) -> str:
+        """The row's part of the model in the summary: the transformer linears split into attention and FFN."""
+        if self.kind == "linear":
+            return "attention linears" if ".self_attn." in self.name else "FFN"
+        return GROUP_OF_KIND.get(self.kind, self.kind)
+
     def to_dict(self) -> dict:
-        return super().to_dict() | {"quantized": self.quantized}  # for readers of cost.json; derived on load
+        # derived on load; for readers of cost.json
+        return super().to_dict() | {"quantized": self.quantized, "stored_bits": self.stored_bits}
 
 
 @dataclass
@@ -233,18 +255,58 @@ def _kind_of(name: str, mod: nn.Module | None) -> str:
     return "other"
 
 
+def _bits_text(bits: set[int]) -> str:
+    return "/".join(str(b) for b in sorted(bits, reverse=True)) if bits else "-"
+
+
+def summary_by_group(report: CostReport) -> list[dict]:
+    """One row per part of the model (CNN, norms, projection, pos_conv, attention linears and matmuls, FFN,
+    heads, other): modules, params, MACs, the bits its weights are stored at, bytes and shares. Sums of the
+    module rows, so the totals are the report's."""
+    groups: dict[str, list[ModuleCost]] = {}
+    for r in report.rows:
+        groups.setdefault(r.group, []).append(r)
+    order = [g for g in GROUP_ORDER if g in groups] + sorted(g for g in groups if g not in GROUP_ORDER)
+    total_bits = sum(r.storage_bits for r in report.rows) or 1
+    out = []
+    for g in order:
+        rows = groups[g]
+        params, macs, storage = (sum(getattr(r, a) for r in rows) for a in ("params", "macs", "storage_bits"))
+        out.append({"group": g, "modules": len(rows), "params": params, "macs": macs,
+                    "bits": _bits_text({r.stored_bits for r in rows if r.stored_bits is not None}),
+                    "quantized": sum(r.quantized for r in rows), "bytes": storage / 8,
+                    "macs_share": macs / report.macs if report.macs else 0.0, "storage_share": storage / total_bits})
+    return out
+
+
+def format_summary(report: CostReport) -> str:
+    from tabulate import tabulate
+
+    rows = [(s["group"], f"{s['modules']} ({s['quantized']} quantized)", f"{s['params']:,}", s["bits"],
+             f"{s['bytes']:,.0f}", f"{100 * s['storage_share']:.1f} %", f"{s['macs'] / 1e6:,.1f}",
+             f"{100 * s['macs_share']:.1f} %") for s in summary_by_group(report)]
+    return tabulate(rows, headers=("part", "modules", "params", "weight bits", "bytes", "of storage", "MMACs",
+                                   "of MACs"), tablefmt="github", disable_numparse=True)
+
+
 def format_table(report: CostReport) -> str:
+    """Every module, then the summary by part and the totals. `weight bits` is what a weight is counted at
+    in storage: its quantized bits, else the 16-bit baseline (biases, norms and scales are always 16)."""
     from tabulate import tabulate
 
     rows = [
-        (r.name or "(model)", r.kind, f"{r.params:,}", f"{r.macs / 1e6:,.1f}", r.bits, f"{r.storage_bits / 8:,.0f}")
+        (r.name or "(model)", r.kind, f"{r.params:,}", f"{r.macs / 1e6:,.1f}", r.stored_bits or "-",
+         f"{r.storage_bits / 8:,.0f}")
         for r in report.rows
     ]
     rows.append(("TOTAL", "", f"{report.params:,}", f"{report.macs / 1e6:,.1f}", "", f"{report.storage_mb * 1e6:,.0f}"))
-    table = tabulate(rows, headers=("module", "kind", "params", "MMACs", "weight bits", "bytes"), tablefmt="github")
+    table = tabulate(rows, headers=("module", "kind", "params", "MMACs", "weight bits", "bytes"), tablefmt="github",
+                     disable_numparse=True)
     summary = (
         f"params {report.params:,} (quantized {report.quantized_params:,}) | "
         f"MACs for {report.seconds:g} s: {report.macs / 1e9:,.2f} G | "
         f"storage {report.storage_mb:.2f} MB | est. runtime {report.est_runtime:.3f}"
     )
-    return f"{table}\n\n{summary}"
+    note = ("weight bits: what each weight is stored and counted at (quantized bits, else 16); biases, norms and "
+            "scales at 16 bits")
+    return f"{table}\n\nBy part of the model:\n\n{format_summary(report)}\n\n{note}\n{summary}"

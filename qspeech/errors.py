@@ -19,3 +19,11 @@ class DataError(QSpeechError):
 
 class TrainingError(QSpeechError):
     """Training diverged (NaN/inf loss) or cannot continue."""
+
+
+class StorageError(QSpeechError):
+    """A folder cannot be created or written: read-only, a file in the way, no space left."""
+
+
+class RunLockedError(QSpeechError):
+    """Another live qspeech process holds the run folder of the same experiment."""

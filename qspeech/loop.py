@@ -2,8 +2,8 @@
 (qspeech.pretrain), quantization-aware distillation (qspeech.qat).
 
 A `Job` says what one step computes; the loop owns everything around it: the learning-rate schedule, the
-optimizer update with gradient clipping, the NaN/inf guard, the progress bar, log averages, periodic
-evaluation, and the resumable state: one format, written atomically, read with weights_only=True, from
+optimizer update with gradient clipping, the NaN/inf guard, the progress bar and progress lines (logging),
+log averages sent to the experiment logger (qspeech.loggers), periodic evaluation, and the resumable state: one format, written atomically, read with weights_only=True, from
 which a killed run continues to exactly the numbers of an uninterrupted one on CPU.
 
     class Regression(Job):
@@ -20,6 +20,9 @@ which a killed run continues to exactly the numbers of an uninterrupted one on C
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,8 +33,11 @@ import torch
 from torch import nn
 
 from qspeech.atomic import torch_save_atomic
+from qspeech import loggers
 from qspeech.errors import TrainingError
 from qspeech.seeding import rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 # Fields every resumable state holds; a job adds its own (Job.state). Files written before the version
@@ -79,7 +85,8 @@ class Job:
 
     def evaluate(self, step: int) -> dict | None:
         """Every LoopConfig.eval_every steps and after the last, with the model in eval mode, no grad and
-        the RNG state forked (evaluation changes nothing the training sees). Returns the bar's postfix."""
+        the RNG state forked (evaluation changes nothing the training sees). Returns the bar's postfix; its
+        numbers also go to the experiment logger as <prefix>/dev_<key>."""
 
     def state(self) -> dict[str, Any]:
         """The job's own fields of the resumable state (tensors, numbers, strings and containers)."""
@@ -111,6 +118,10 @@ class LoopConfig:
     hint: str = "lower the learning rate"  # what the divergence error advises
     on_step: Callable[[int], None] | None = None  # after each step and its checkpoint (e.g. to stop a run)
     stop_after: int | None = None  # return after this step as if interrupted (tests)
+    # Where train loss, learning rate and dev metrics go; None: the running experiment's logger
+    # (qspeech.loggers.active(), set by the CLI), if any.
+    logger: loggers.MetricLogger | None = None
+    log_prefix: str | None = None  # keys are <prefix>/<name>; None: the first word of desc
 
 
 @dataclass
@@ -176,6 +187,19 @@ class _Run:
                 seed_everything(cfg.seed)
         self.t_start = time.perf_counter()
         self.avg, self.last = _Averager(), {}
+        self.logger = cfg.logger if cfg.logger is not None else loggers.active()
+        self.prefix = cfg.log_prefix or (cfg.desc.split() or ["train"])[0]
+
+    def report(self, kind: str, values: dict, extra: dict | None = None) -> None:
+        """A progress line (logging: the run's qspeech.log) and the numbers to the experiment logger."""
+        shown = {**values, **(extra or {})}
+        log.info("%s: step %d/%d %s %s", self.cfg.desc, self.step, self.cfg.total, kind,
+                 " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        if self.logger is not None:
+            numbers = {f"{self.prefix}/{kind}_{k}": float(v) for k, v in values.items() if _is_number(v)}
+            numbers.update({f"{self.prefix}/{k}": float(v) for k, v in (extra or {}).items() if _is_number(v)})
+            if numbers:
+                self.logger.log_metrics(numbers, self.step)
 
     def _resume(self) -> int | None:
         cfg, job = self.cfg, self.job
@@ -242,13 +266,26 @@ class _Run:
         done = step == cfg.total
         if step % cfg.log_every == 0 or done:
             self.last = self.avg.pop()
-            _postfix(bar, job.log(step, self.last, self.job.optimizer.param_groups[0]["lr"], self.wall()))
+            lr = self.job.optimizer.param_groups[0]["lr"]
+            _postfix(bar, job.log(step, self.last, lr, self.wall()))
+            self.report("train", self.last, {"lr": lr})
         if cfg.eval_every and (step % cfg.eval_every == 0 or done):
-            _postfix(bar, self.evaluate())
+            out = self.evaluate()
+            _postfix(bar, out)
+            if out:
+                self.report("dev", out)
         if cfg.state_path is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or done):
             self.save()
         if cfg.on_step is not None:
             cfg.on_step(step)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _postfix(bar, postfix: dict | None) -> None:
@@ -259,10 +296,19 @@ def _postfix(bar, postfix: dict | None) -> None:
 def run(job: Job, cfg: LoopConfig) -> LoopResult:
     """Train `job` up to step cfg.total, resuming from cfg.state_path when it holds this run's state."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     r = _Run(job, cfg)
     bar = tqdm(total=cfg.total, initial=r.step, desc=cfg.desc, disable=not cfg.progress, dynamic_ncols=True,
                leave=False, mininterval=1 if os.isatty(2) else 30)
+    # progress lines printed through the bar, not across it
+    with logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext():
+        _loop(job, cfg, r, bar)
+    wall_this = time.perf_counter() - r.t_start
+    return LoopResult(r.step, r.resumed_from, r.wall_s + wall_this, wall_this, r.step_s, r.items, r.last)
+
+
+def _loop(job: Job, cfg: LoopConfig, r: _Run, bar) -> None:
     try:
         while r.step < cfg.total:
             t0 = time.perf_counter()
@@ -278,5 +324,3 @@ def run(job: Job, cfg: LoopConfig) -> LoopResult:
                 break
     finally:
         bar.close()
-    wall_this = time.perf_counter() - r.t_start
-    return LoopResult(r.step, r.resumed_from, r.wall_s + wall_this, wall_this, r.step_s, r.items, r.last)

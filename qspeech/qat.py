@@ -163,8 +163,6 @@ class DistillStage(Job):
         return Step(loss)
 
     def log(self, step: int, averages: dict[str, float], lr: float, wall_s: float) -> dict:
-        log.info("distill %s %d-bit step %d/%d loss %.4f", self.cfg.method, self.bits, step, int(self.cfg.steps),
-                 averages["loss"])
         return {"loss": f"{averages['loss']:.4f}"}
 
     def state(self) -> dict:
@@ -186,7 +184,7 @@ def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: QuantConfig, s
     res = run(job, LoopConfig(
         total=int(cfg.steps), desc=f"distill {cfg.method} {bits}-bit", grad_clip=cfg.grad_clip,
         log_every=max(1, int(cfg.log_every)), ckpt_every=int(cfg.ckpt_every or 0) or None, state_path=ckpt,
-        progress=progress, hint="lower quant.lr"))
+        progress=progress, hint="lower quant.lr", log_prefix=f"qat_{bits}bit"))
     _freeze(student)
     losses = job.losses
     return {"stage": stage, "bits": bits, "steps": int(cfg.steps), "resumed_at": res.resumed_from,

@@ -3,12 +3,14 @@ with the paper's published rows beside ours and the DistilHuBERT comparison the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from qspeech import paper
 from qspeech.atomic import write_text_atomic
+from qspeech.errors import QSpeechError
 from qspeech.results import COST_FILE, RunResult, collect, load_results
 
 BENCH_FILE = "bench.json"
@@ -17,14 +19,25 @@ VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits
 
 KEY = ["model", "init", "quant", "bits", "task", "data"]
 COLUMNS = KEY + [
-    "source", "status", "metric", "value", "dev_value", "cer", "storage_mb", "packed_mb", "est_runtime",
-    "measured_speedup", "measured_vs_ort", "params", "quantized_params", "macs", "runtime_vs_teacher", "storage_vs_distil",
+    "overrides", "seeds", "n", "flags", "source", "status", "metric", "value", "value_std", "rise_pct",
+    "dev_value", "cer", "cer_std", "storage_mb", "packed_mb", "est_runtime", "measured_speedup",
+    "measured_vs_ort", "params", "quantized_params", "macs", "runtime_vs_teacher", "storage_vs_distil",
     "runtime_vs_distil", "metric_vs_distil", "error", "run_dir",
 ]
 DISTIL_OF = {"tiny_hubert": "tiny_distilhubert", "tiny_distilhubert": "tiny_distilhubert"}
 # est_runtime is relative to the model's own full-precision MACs (the issue's convention); the paper's
 # DistilHuBERT runtime (0.73) is relative to HuBERT, so runtimes are also shown against the teacher.
 TEACHER_OF = {"tiny_hubert": "tiny_hubert", "tiny_distilhubert": "tiny_hubert", "distilhubert": "hubert"}
+
+# Config keys (and key prefixes) that never distinguish two experiments: where files go, logging, speed
+# knobs, other commands' settings. Runs that differ only in these are replicates.
+IGNORED_KEYS = ("cache_dir", "command", "bench", "cost", "export", "logger", "optimized_metric", "hydra",
+                "model.trust_checkpoint", "train.num_threads", "train.resume", "train.ckpt_dir", "train.log_every",
+                "train.save_every", "train.eval_batch_size", "train.cache_features", "train.cache_max_gb",
+                "train.feature_batch_s", "quant.log_every", "quant.ckpt_every")
+SEED_KEY = "seed"  # runs that differ only by it are aggregated (mean +- std over seeds)
+SMOKE_MAX_STEPS = 50  # fewer training steps than this: a check run whose numbers mean nothing
+UNITS = {"wer": "%", "cer": "%", "per": "%", "acc": "%"}  # metrics are in percent (TaskMetrics.value)
 
 
 def _quant_label(r: RunResult) -> str:
@@ -37,8 +50,45 @@ def _quant_label(r: RunResult) -> str:
     return label
 
 
+def _has_prefix(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the value as JSON (so that lists and nulls compare), the keys that matter only."""
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        elif not _has_prefix(key, IGNORED_KEYS):
+            out[key] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+
+def _override_value(v: str) -> str:
+    """A recorded value as one writes it on the command line: task.lr=0.001, model.ckpt=null, x=[a,b]."""
+    value = json.loads(v)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else json.dumps(value)
+
+
+def _smoke(r: RunResult) -> bool:
+    """experiment=smoke on the run's command line (Hydra's .hydra/overrides.yaml), or too few steps."""
+    steps = (r.config.get("train") or {}).get("max_steps")
+    if isinstance(steps, int) and steps < SMOKE_MAX_STEPS:
+        return True
+    overrides = Path(r.run_dir or ".") / ".hydra" / "overrides.yaml"
+    try:
+        return "experiment=smoke" in overrides.read_text().split()
+    except OSError:
+        return False
+
+
 def _row(r: RunResult) -> dict:
     m = r.metrics
+    flags = [f for f, on in (("random init", r.init == "random"), ("smoke", _smoke(r))) if on]
     return {
         "model": r.model,
         "init": r.init,
@@ -46,6 +96,8 @@ def _row(r: RunResult) -> dict:
         "bits": r.bits,
         "task": r.task,
         "data": r.data,
+        "seeds": r.config.get(SEED_KEY),
+        "flags": ", ".join(flags),
         "source": "qspeech",
         "status": r.status,
         "metric": r.metric,
@@ -55,30 +107,127 @@ def _row(r: RunResult) -> dict:
         "storage_mb": r.storage_mb,
         "packed_mb": r.packed_mb,
         "est_runtime": r.est_runtime,
-        "measured_speedup": None,  # from `qspeech bench` runs: add_measured_speed
         "params": r.params,
         "quantized_params": r.quantized_params,
         "macs": r.macs,
         "error": r.error,
         "run_dir": r.run_dir,
+        "_config": flat_config(r.config),
         "_finished": r.finished or "",
     }
 
 
+def _distinguishing(rows: list[dict]) -> dict[str, list[str]]:
+    """Per identity (KEY) group, the config keys whose recorded values differ between its runs (the seed
+    and, at full precision, the unused quantizer settings aside): what a sweep varied."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in KEY), []).append(row)
+    varying: dict[tuple, list[str]] = {}
+    for key, members in groups.items():
+        values: dict[str, set] = {}
+        for row in members:
+            for k, v in row["_config"].items():
+                values.setdefault(k, set()).add(v)
+        skip = ("quant",) if key[KEY.index("bits")] >= 32 else ()
+        varying[key] = sorted(k for k, vs in values.items()
+                              if len(vs) > 1 and k != SEED_KEY and not _has_prefix(k, skip))
+    return varying
+
+
+def _label_overrides(rows: list[dict]) -> None:
+    varying = _distinguishing(rows)
+    for row in rows:
+        keys = varying[tuple(row[k] for k in KEY)]
+        cfg = row["_config"]
+        row["overrides"] = " ".join(f"{k}={_override_value(cfg[k])}" for k in keys if k in cfg)
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None and not pd.isna(v)]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+    return mean, std
+
+
+def _aggregate(members: list[dict]) -> dict:
+    """Successful runs of one experiment that differ only by seed -> one row: means, sample std, n, seeds."""
+    members = sorted(members, key=lambda r: (str(r["seeds"]), r["_finished"]))
+    out = dict(members[-1])
+    out["n"] = len(members)
+    seeds = [r["seeds"] for r in members if r["seeds"] is not None]
+    out["seeds"] = ",".join(str(s) for s in dict.fromkeys(seeds))
+    out["run_dir"] = ";".join(str(r["run_dir"]) for r in members)
+    for col in ("value", "cer"):
+        out[col], out[f"{col}_std"] = _mean_std([r[col] for r in members])
+    for col in ("dev_value", "storage_mb", "packed_mb", "est_runtime"):
+        out[col] = _mean_std([r[col] for r in members])[0]
+    return out
+
+
+def _config_signature(row: dict, drop: tuple[str, ...]) -> str | None:
+    """The run's config without `drop` (and the seed): two rows with equal signatures ran the same
+    recipe. None for rows without a recorded config (the paper's, older result files)."""
+    cfg = row.get("_config")
+    if not cfg:
+        return None
+    return json.dumps({k: v for k, v in cfg.items() if k != SEED_KEY and not _has_prefix(k, drop)},
+                      sort_keys=True)
+
+
+def _reference(row: dict, candidates: list[dict], drop: tuple[str, ...]) -> dict | None:
+    """The candidate run with the same recipe as `row` (all but `drop`); where no config was recorded, the
+    only candidate. None when no candidate is comparable."""
+    sig = _config_signature(row, drop)
+    same = [c for c in candidates if _config_signature(c, drop) == sig] if sig else []
+    if len(same) == 1:
+        return same[0]
+    if len(candidates) == 1 and (sig is None or _config_signature(candidates[0], drop) is None):
+        return candidates[0]
+    return None
+
+
+def _add_rise(rows: list[dict]) -> None:
+    """rise_pct: the relative rise of the metric (from means) over the full-precision row of the same model,
+    init, task, data and recipe, as the paper's 7.06 -> 12.68 WER (+80 %)."""
+    same = lambda a, b: all(a[k] == b[k] for k in ("source", "model", "init", "task", "data"))  # noqa: E731
+    fps = [r for r in rows if r["bits"] >= 32 and r["status"] in ("ok", "published") and r["value"] is not None]
+    for row in rows:
+        if row["bits"] >= 32 or row["value"] is None or pd.isna(row["value"]):
+            continue
+        ref = _reference(row, [f for f in fps if same(row, f)], ("bits", "quant"))
+        if ref is not None and ref["value"]:
+            row["rise_pct"] = round(100.0 * (float(row["value"]) - float(ref["value"])) / float(ref["value"]), 1)
+
+
+def _paper_rows() -> list[dict]:
+    return [{**p, "init": "pretrained", "data": "librispeech", "source": paper.SOURCE, "status": "published",
+             "overrides": "", "flags": "", "n": 1, "_config": {}} for p in paper.ROWS]
+
+
 def build_table(results: list[RunResult]) -> pd.DataFrame:
-    """One row per (model, init, quant, bits, task, data): the latest successful run, else the latest
-    failure (a failed run is shown as failed, never dropped); then the paper's rows."""
-    ours = pd.DataFrame([_row(r) for r in results], columns=COLUMNS + ["_finished"])
-    if not ours.empty:
-        ours["_ok"] = ours["status"].eq("ok")
-        ours = ours.sort_values(["_ok", "_finished"]).groupby(KEY, dropna=False, sort=False).tail(1)
-        ours = ours.drop(columns=["_ok"])
-    pub = pd.DataFrame([{**p, "init": "pretrained", "data": "librispeech", "source": paper.SOURCE,
-                         "status": "published"} for p in paper.ROWS])
-    table = pd.concat([ours.drop(columns=["_finished"]), pub], ignore_index=True)[COLUMNS]
-    table = _vs_distil(table)
-    return table.sort_values(["source", "task", "data", "model", "init", "bits", "quant"],
-                             ascending=[False, True, True, True, True, False, True], ignore_index=True)
+    """Every run is kept: one row per distinct experiment, labelled by the config overrides that tell it
+    apart from the runs of the same model/init/quant/bits/task/data; successful runs that differ only by
+    seed become one row (mean, std, n, seeds); each failed or unfinished run is a row of its own with its
+    error. Then the paper's rows; the rise over full precision and the DistilHuBERT comparison."""
+    rows = [_row(r) for r in results]
+    _label_overrides(rows)
+    ours, experiments = [], {}
+    for row in rows:
+        if row["status"] == "ok":
+            experiments.setdefault(tuple(row[k] for k in KEY) + (row["overrides"],), []).append(row)
+        else:
+            ours.append(row | {"n": 1})
+    ours += [_aggregate(members) for members in experiments.values()]
+    all_rows = ours + _paper_rows()
+    _add_rise(all_rows)
+    table = _vs_distil(all_rows)
+    table = table.sort_values(["source", "task", "data", "model", "init", "bits", "quant", "overrides", "status"],
+                              ascending=[False, True, True, True, True, False, True, True, False],
+                              ignore_index=True, key=lambda c: c.fillna("") if c.dtype == object else c)
+    return table
 
 
 def add_measured_speed(table: pd.DataFrame, benches: list[dict]) -> pd.DataFrame:
@@ -102,77 +251,170 @@ def add_measured_speed(table: pd.DataFrame, benches: list[dict]) -> pd.DataFrame
     return table
 
 
-def _vs_distil(table: pd.DataFrame) -> pd.DataFrame:
-    """The paper's comparison: storage and runtime as a ratio to DistilHuBERT's, metric as a difference."""
-    table = table.copy()
-    for col in ("storage_vs_distil", "runtime_vs_distil", "metric_vs_distil", "runtime_vs_teacher"):
-        table[col] = pd.NA
-    macs_of = {m: g for m, g in table[table["macs"].notna()].groupby("model")["macs"].max().items()}
+def _num(v) -> float | None:
+    return None if v is None or pd.isna(v) else float(v)
+
+
+def _vs_distil(rows: list[dict]) -> pd.DataFrame:
+    """The paper's comparison: storage and runtime as a ratio to DistilHuBERT's, metric as a difference,
+    against the DistilHuBERT run of the same task, data and recipe."""
+    macs_of: dict[str, float] = {}
+    for row in rows:
+        if _num(row.get("macs")) is not None:
+            macs_of[row["model"]] = max(macs_of.get(row["model"], 0.0), float(row["macs"]))
     weighted = {}  # MAC-weighted runtime in MACs: comparable across models of one family
-    for idx, row in table.iterrows():
-        if pd.notna(row["macs"]) and pd.notna(row["est_runtime"]):
-            weighted[idx] = float(row["est_runtime"]) * float(row["macs"])
+    for i, row in enumerate(rows):
+        macs, est = _num(row.get("macs")), _num(row.get("est_runtime"))
+        if macs is not None and est is not None:
+            weighted[i] = est * macs
             teacher = macs_of.get(TEACHER_OF.get(row["model"], row["model"]))
             if teacher:
-                table.at[idx, "runtime_vs_teacher"] = round(weighted[idx] / float(teacher), 3)
-        elif pd.notna(row["est_runtime"]) and row["source"] != "qspeech":
-            table.at[idx, "runtime_vs_teacher"] = row["est_runtime"]  # the paper's are relative to HuBERT
-    for idx, row in table.iterrows():
+                row["runtime_vs_teacher"] = round(weighted[i] / teacher, 3)
+        elif est is not None and row["source"] != "qspeech":
+            row["runtime_vs_teacher"] = est  # the paper's are relative to HuBERT
+    for i, row in enumerate(rows):
         ref_model = DISTIL_OF.get(row["model"], "distilhubert")
-        ref = table[(table["model"] == ref_model) & (table["bits"] == 32) & (table["task"] == row["task"])
-                    & (table["data"] == row["data"]) & (table["source"] == row["source"])
-                    & (table["init"] == "pretrained") & table["status"].isin(["ok", "published"])]
-        if ref.empty:
+        candidates = [j for j, c in enumerate(rows) if c["model"] == ref_model and c["bits"] >= 32
+                      and all(c[k] == row[k] for k in ("task", "data", "source")) and c["init"] == "pretrained"
+                      and c["status"] in ("ok", "published")]
+        ref = _reference(row, [rows[j] for j in candidates], ("bits", "quant", "model"))
+        if ref is None:
             continue
-        ref = ref.iloc[0]
-        if pd.notna(row["storage_mb"]) and pd.notna(ref["storage_mb"]):
-            table.at[idx, "storage_vs_distil"] = round(float(row["storage_mb"]) / float(ref["storage_mb"]), 3)
-        if idx in weighted and ref.name in weighted:
-            table.at[idx, "runtime_vs_distil"] = round(weighted[idx] / weighted[ref.name], 3)
-        elif row["source"] != "qspeech" and pd.notna(row["est_runtime"]) and pd.notna(ref["est_runtime"]):
-            table.at[idx, "runtime_vs_distil"] = round(float(row["est_runtime"]) / float(ref["est_runtime"]), 3)
-        if pd.notna(row["value"]) and pd.notna(ref["value"]):
-            table.at[idx, "metric_vs_distil"] = round(float(row["value"]) - float(ref["value"]), 2)
-    return table
+        j = next(j for j in candidates if rows[j] is ref)
+        storage, ref_storage = _num(row.get("storage_mb")), _num(ref.get("storage_mb"))
+        if storage is not None and ref_storage:
+            row["storage_vs_distil"] = round(storage / ref_storage, 3)
+        if i in weighted and j in weighted:
+            row["runtime_vs_distil"] = round(weighted[i] / weighted[j], 3)
+        elif row["source"] != "qspeech" and _num(row.get("est_runtime")) is not None and _num(ref.get("est_runtime")):
+            row["runtime_vs_distil"] = round(float(row["est_runtime"]) / float(ref["est_runtime"]), 3)
+        if _num(row.get("value")) is not None and _num(ref.get("value")) is not None:
+            row["metric_vs_distil"] = round(float(row["value"]) - float(ref["value"]), 2)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def _fmt(v, digits=2):
-    if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA:
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
         return ""
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
 
 
+def _with_std(row, col: str) -> str:
+    """`70.52 ± 2.18 (n=3)` for an aggregate of seeds, the plain value otherwise."""
+    value, std, n = row[col], row.get(f"{col}_std"), row.get("n")
+    text = _fmt(value)
+    if text and _num(std) is not None and _num(n) is not None and int(n) > 1:
+        text += f" ± {float(std):.2f} (n={int(n)})"
+    return text
+
+
+def _cell(row, col: str) -> str:
+    if col in ("value", "cer"):
+        return _with_std(row, col)
+    if col == "rise_pct":
+        return "" if _num(row[col]) is None else f"{float(row[col]):+.1f} %"
+    if col == "bits":
+        return str(int(row[col]))
+    return _fmt(row[col], 3 if col in ("est_runtime", "storage_vs_distil", "runtime_vs_distil") else 2)
+
+
+SHOW = ["model", "init", "quant", "bits", "task", "data", "overrides", "seeds", "flags", "status", "metric", "value",
+        "rise_pct", "cer", "storage_mb", "packed_mb", "est_runtime", "runtime_vs_teacher", "measured_speedup",
+        "measured_vs_ort", "storage_vs_distil", "runtime_vs_distil", "metric_vs_distil"]
+ALWAYS = {"model", "quant", "bits", "task", "data", "status", "metric", "value"}
+
+CAPTION = (
+    "Storage MB: quantized weights x bits + scales at 16 bits + all other parameters at 16 bits (/8/1e6). "
+    "Est. runtime: MAC-weighted weight bits / 32, relative to the model's own full-precision MACs; "
+    "runtime_vs_teacher: the same MAC-weighted cost relative to the full-precision teacher (HuBERT / tiny_hubert), "
+    "the scale of the paper's DistilHuBERT 0.73. *_vs_distil: ratio to (metric: difference from) the DistilHuBERT "
+    "row of the same task, data and recipe (tiny_distilhubert for tiny models). overrides: the config values that "
+    "tell a row apart from the other runs of the same model/quant/bits/task/data (derived from the recorded "
+    "configs); runs that differ only by seed are one row, value mean ± sample std (n runs, seeds listed); "
+    "rise_pct: relative rise of the metric (means) over the full-precision row of the same model, task, data and "
+    "recipe. flags: *random init* (no pretrained weights), *smoke* (experiment=smoke or under "
+    f"{SMOKE_MAX_STEPS} training steps: a check run, not a result)."
+)
+
+
 def render_markdown(table: pd.DataFrame, problems: list[str]) -> str:
     from tabulate import tabulate
 
-    show = ["model", "init", "quant", "bits", "task", "data", "status", "metric", "value", "cer", "storage_mb",
-            "packed_mb", "est_runtime", "runtime_vs_teacher", "measured_speedup", "measured_vs_ort", "storage_vs_distil",
-            "runtime_vs_distil", "metric_vs_distil"]
-    lines = ["# qspeech results", ""]
-    lines += ["Storage MB: quantized weights x bits + scales at 16 bits + all other parameters at 16 bits "
-              "(/8/1e6). Est. runtime: MAC-weighted weight bits / 32, relative to the model's own full-precision "
-              "MACs; runtime_vs_teacher: the same MAC-weighted cost relative to the full-precision teacher "
-              "(HuBERT / tiny_hubert), the scale of the paper's DistilHuBERT 0.73. *_vs_distil: ratio to "
-              "(metric: difference from) the DistilHuBERT row of the same task and data (tiny_distilhubert for "
-              "tiny models).", ""]
+    lines = ["# qspeech results", "", CAPTION, ""]
     for source, part in table.groupby("source", sort=False):
         lines += [f"## {'Our runs' if source == 'qspeech' else source}", ""]
-        rows = [[_fmt(v, 3 if c in ("est_runtime", "storage_vs_distil", "runtime_vs_distil") else 2)
-                 for c, v in zip(show, r)] for r in part[show].itertuples(index=False)]
-        lines += [tabulate(rows, headers=show, tablefmt="github"), ""]
-        failed = part[part["status"] == "failed"]
-        for r in failed.itertuples(index=False):
-            lines.append(f"- failed: {r.model} {r.quant} {r.bits}-bit {r.task}: {r.error}")
-        if not failed.empty:
+        records = part.to_dict("records")
+        cells = {c: [_cell(r, c) for r in records] for c in SHOW}
+        show = [c for c in SHOW if c in ALWAYS or any(cells[c])]  # columns empty in this section are left out
+        lines += [tabulate(list(zip(*(cells[c] for c in show))), headers=show, tablefmt="github",
+                          disable_numparse=True), ""]
+        unfinished = [r for r in records if r["status"] not in ("ok", "published")]
+        for r in unfinished:
+            what = " ".join(str(x) for x in (r["model"], r["quant"], f"{int(r['bits'])}-bit", r["task"], r["data"],
+                                             r["overrides"]) if x)
+            seed = f", seed {r['seeds']}" if _fmt(r["seeds"]) else ""
+            lines.append(f"- {r['status']}: {what}{seed}: {_fmt(r['error']) or 'no error recorded'} ({r['run_dir']})")
+        if unfinished:
             lines.append("")
     if problems:
         lines += ["## Skipped result files", ""] + [f"- {p}" for p in problems] + [""]
     return "\n".join(lines)
 
 
+def _ylabel(part: pd.DataFrame) -> str:
+    metric = str(part["metric"].dropna().iloc[0]) if part["metric"].notna().any() else "metric"
+    unit = UNITS.get(metric)
+    return f"{metric.upper()} ({unit})" if unit else metric
+
+
+def _series_name(model, init, quant, overrides, flags) -> str:
+    notes = [f for f in str(flags or "").split(", ") if f and f != "random init"]
+    name = f"{model}{'' if init == 'pretrained' else ' (' + init + ' init)'} {quant}"
+    return " ".join(p for p in [name, str(overrides or "")] + [f"[{n}]" for n in notes] if p)
+
+
+def _fp_point(part: pd.DataFrame, model, init, overrides) -> pd.DataFrame:
+    """The full-precision row a quantizer's curve starts from: same model and init, the same overrides
+    label if there is one, else the only full-precision row."""
+    fp = part[(part["model"] == model) & (part["init"] == init) & (part["quant"] == "fp")]
+    same = fp[fp["overrides"].fillna("") == (overrides or "")]
+    return same.head(1) if not same.empty else fp if len(fp) == 1 else fp.head(0)
+
+
+def _draw_panel(ax, part: pd.DataFrame, x: str) -> None:
+    keys = ["model", "init", "quant", "overrides", "flags"]
+    part = part.assign(**{k: part[k].fillna("") for k in ("overrides", "flags")})
+    for (model, init, quant, overrides, flags), grp in part.groupby(keys, sort=False):
+        if (grp["storage_mb"].astype(float) == 0).all():  # FBANK: no weights, no upstream cost
+            ax.axhline(float(grp["value"].iloc[0]), linestyle="--", color="gray", linewidth=1,
+                       label=f"{model} (no upstream)")
+            continue
+        is_distil = "distil" in str(model)
+        if quant == "fp" and not is_distil:
+            continue  # full-precision points are drawn last, on top of the curves that start at them
+        own = grp.sort_values("bits")
+        line = own if is_distil else pd.concat([own, _fp_point(part, model, init, overrides)])
+        ax.errorbar(line[x].astype(float), line["value"].astype(float), yerr=line["value_std"].astype(float),
+                    marker="*" if is_distil else "o", markersize=14 if is_distil else 6, capsize=2,
+                    linestyle="" if is_distil else "-", label=_series_name(model, init, quant, overrides, flags))
+        for _, r in own.iterrows():
+            ax.annotate(f"{int(r['bits'])}b", (float(r[x]), float(r["value"])), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    fp = part[(part["quant"] == "fp") & ~part["model"].astype(str).str.contains("distil")
+              & (part["storage_mb"].astype(float) != 0)]
+    for _, r in fp.iterrows():
+        ax.errorbar([float(r[x])], [float(r["value"])], yerr=[_num(r["value_std"]) or 0.0], marker="s",
+                    markersize=8, markeredgecolor="black", capsize=2, zorder=5, linestyle="",
+                    label=_series_name(r["model"], r["init"], "fp", r["overrides"], r["flags"]))
+        ax.annotate("32b", (float(r[x]), float(r["value"])), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
+
 def plot(table: pd.DataFrame, path: Path) -> Path | None:
+    """WER against storage and against estimated runtime: one row of panels per task and data of our runs,
+    then the paper's. Seed aggregates carry their std as error bars; full-precision points are squares
+    drawn on top of the curves that start at them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,38 +423,26 @@ def plot(table: pd.DataFrame, path: Path) -> Path | None:
     ok = table[table["status"].isin(["ok", "published"]) & table["value"].notna()]
     if ok.empty:
         return None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
-    panels = [("qspeech", "Our runs"), (paper.SOURCE, "Published (Yeh et al. 2023)")]
-    for row_i, (source, title) in enumerate(panels):
-        part = ok[ok["source"] == source]
+    panels = [(f"Our runs: task {t}, data {d}", part) for (t, d), part in
+              ok[ok["source"] == "qspeech"].groupby(["task", "data"], sort=True)]
+    pub = ok[ok["source"] == paper.SOURCE]
+    panels += [(f"Published (Yeh et al. 2023): task {t}, data {d} (test-clean)", part)
+               for (t, d), part in pub.groupby(["task", "data"], sort=True)]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(15, 4.2 * len(panels)), squeeze=False)
+    axes_spec = [("storage_mb", "storage (MB)"),
+                 ("runtime_vs_teacher", "est. runtime (relative to the full-precision teacher)")]
+    for row_i, (title, part) in enumerate(panels):
         part = part.assign(runtime_vs_teacher=part["runtime_vs_teacher"].fillna(part["est_runtime"]))
-        axes_spec = [("storage_mb", "storage (MB)"),
-                     ("runtime_vs_teacher", "est. runtime (relative to the full-precision teacher)")]
         for col_i, (x, xlabel) in enumerate(axes_spec):
             ax = axes[row_i][col_i]
-            for (model, init, quant), grp in part.groupby(["model", "init", "quant"], sort=False):
-                grp = grp.sort_values("bits")
-                if (grp["storage_mb"].astype(float) == 0).all():  # FBANK: no weights, no upstream cost
-                    ax.axhline(float(grp["value"].iloc[0]), linestyle="--", color="gray", linewidth=1,
-                               label=f"{model} (no upstream)")
-                    continue
-                own = grp
-                if quant != "fp":  # each quantizer's curve starts at its full-precision point
-                    fp = part[(part["model"] == model) & (part["init"] == init) & (part["quant"] == "fp")]
-                    grp = pd.concat([grp, fp.head(1)])
-                is_distil = "distil" in str(model)
-                label = f"{model}{'' if init == 'pretrained' else ' (' + init + ')'} {quant}"
-                ax.plot(grp[x].astype(float), grp["value"].astype(float), marker="*" if is_distil else "o",
-                        markersize=14 if is_distil else 6, linestyle="" if is_distil else "-", label=label)
-                for _, r in own.iterrows():
-                    ax.annotate(f"{int(r['bits'])}b", (float(r[x]), float(r["value"])), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
+            _draw_panel(ax, part, x)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(str(part["metric"].dropna().iloc[0]).upper() if not part.empty else "metric")
-            ax.set_title(title)
+            ax.set_ylabel(_ylabel(part))
+            ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
-            if col_i == 1 and not part.empty:
-                ax.legend(fontsize=7)
+            ax.margins(x=0.08, y=0.08)  # points at the edges (100 % WER, full-precision storage) stay inside
+            if col_i == 1:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -250,12 +480,14 @@ def make_report(outputs: str | Path = "outputs") -> dict:
     from tabulate import tabulate
 
     outputs = Path(outputs)
+    if not outputs.is_dir():  # a typo must not create a folder and report "0 runs"
+        raise QSpeechError(f"--outputs {outputs}: no such folder; pass the folder your runs wrote into "
+                           f"(default: outputs)")
     results, problems = load_results(outputs)
     costs, _ = collect(outputs, COST_FILE, frozenset({"model", "bits", "storage_mb", "est_runtime"}))
     benches, _ = collect(outputs, BENCH_FILE, frozenset({"model", "variants"}))
     table = add_measured_speed(build_table(results), benches)
     costs_df = cost_table(costs)
-    outputs.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = outputs / "results.csv", outputs / "report.md", outputs / "report.png"
     write_text_atomic(csv_path, table.to_csv(index=False))
     markdown = render_markdown(table, problems)

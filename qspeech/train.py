@@ -226,7 +226,7 @@ class DownstreamJob(Job):
             torch_save_atomic({"version": STATE_VERSION, "model": self.model.state_dict(), "step": step, "dev": dev},
                               self.best_path)
         _write_csv(self.history, self.csv_paths)
-        return {"dev": f"{value:.2f}", "best": f"{self.best[self.metric]:.2f}"}
+        return {**dev, "best": self.best[self.metric]}  # numbers: the loop logs them as dev_<key>
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "best": self.best, "best_step": self.best_step,

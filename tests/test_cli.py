@@ -1,6 +1,7 @@
 """The real console script on tiny configs: help, cost, clear errors with exit code 2."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -113,3 +114,72 @@ def test_python_dash_m_is_the_command():
     out = subprocess.run([sys.executable, "-m", "qspeech", "run", "experiment=smoke", "seed=abc"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "seed=abc" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------ Hydra's flags, help, completion, names
+def test_flags_after_overrides_cost_cfg_job():
+    proc = run_cli("cost", "model=hubert", "bits=2", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: hubert" in proc.stdout and "bits: 2" in proc.stdout
+
+
+def test_multirun_flag_last_in_launcher_workers_that_stay_quiet(tmp_path):
+    """`-m` after the overrides, jobs in joblib's worker processes: each job runs, is named qspeech and logs
+    to its qspeech.log, and no s3prl INFO dump reaches the console."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = run_cli("cost", "experiment=smoke", "cost.seconds=1", "bits=2,4", "hydra/launcher=joblib",
+                   "hydra.launcher.n_jobs=2", "-m", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    costs = sorted((tmp_path / "outputs" / "cost").rglob("cost.json"))
+    assert sorted(json.loads(p.read_text())["bits"] for p in costs) == [2, 4]
+    assert "HubertModel Config" not in proc.stdout + proc.stderr
+    for p in costs:
+        assert "cost.json" in (p.parent / "qspeech.log").read_text() and not (p.parent / "cli.log").exists()
+
+
+def test_run_help_is_qspeech_without_schema_entries():
+    proc = run_cli("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("qspeech run") and "is powered by Hydra" not in proc.stdout
+    assert "_schema" not in proc.stdout
+    assert "logger: csv, mlflow, tensorboard" in proc.stdout and "quant: bit, kmeans, lsq, rtn" in proc.stdout
+
+
+def test_bash_completion_script_completes_commands_and_overrides(tmp_path):
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = run_cli("run", "-sc", "install=bash")
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.rstrip().endswith("-F hydra_bash_completion qspeech")  # one program, not `qspeech run`
+    (tmp_path / "complete.sh").write_text(script.stdout)
+    # what bash does on <TAB>: the registered function, with the line in COMP_LINE / COMP_WORDS
+    driver = """source complete.sh
+comp() { COMP_LINE="$1"; COMP_POINT=${#1}; read -ra COMP_WORDS <<< "$1"
+         [[ "$1" == *" " ]] && COMP_WORDS+=(""); COMP_CWORD=$((${#COMP_WORDS[@]}-1))
+         hydra_bash_completion; echo "$1|${COMPREPLY[*]}"; }
+comp "qspeech ru"
+comp "qspeech run model=tiny"
+comp "qspeech cost quant=r"
+"""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    replies = dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+    assert replies["qspeech ru"] == "run", out.stderr
+    assert replies["qspeech run model=tiny"].split() == ["model=tiny_distilhubert", "model=tiny_hubert"]
+    assert replies["qspeech cost quant=r"] == "quant=rtn"
+
+
+def test_missing_s3prl_is_one_line_naming_the_install_command(tmp_path):
+    import os
+
+    fake = tmp_path / "site" / "s3prl"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 's3prl'\", name='s3prl')\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    line = _one_error_line(run_cli("cost", "model=tiny_hubert", cwd=tmp_path, env=env))
+    assert "s3prl is not installed" in line and "pip install --no-deps s3prl==0.4.18" in line

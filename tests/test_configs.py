@@ -13,6 +13,7 @@ from qspeech.checks import typed
 from qspeech.config import CONF_DIR, BenchConfig, CostConfig, RunConfig, group_options, to_typed
 from qspeech.data.config import DataConfig, data_config
 from qspeech.errors import ConfigError
+from qspeech.loggers import LoggerConfig
 from qspeech.quant.config import QuantConfig
 from qspeech.quant.registry import quant_schemas
 from qspeech.tasks import task_schemas
@@ -21,7 +22,7 @@ from qspeech.train import TrainConfig
 from qspeech.upstream.config import ModelConfig
 
 GROUP_TYPES = {"model": ModelConfig, "quant": QuantConfig, "task": TaskConfig, "data": DataConfig,
-               "train": TrainConfig}
+               "train": TrainConfig, "logger": LoggerConfig}
 
 
 def _compose(overrides, name="config"):
@@ -42,6 +43,15 @@ def test_every_experiment_composes(experiment):
     if experiment == "__none__":
         pytest.skip("no experiment recipes")
     assert isinstance(to_typed(_compose([f"experiment={experiment}"])), RunConfig)
+
+
+def test_hparams_search_composes_with_its_sweeper():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=optuna", "experiment=smoke"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.optimized_metric == "dev"
+    assert set(cfg.hydra.sweeper.params) == {"task.lr", "bits"}
+    assert isinstance(to_typed(cfg), RunConfig)
 
 
 @pytest.mark.parametrize("overrides", [["experiment=smoke", "data=manifest"], ["experiment=demo", "task=asr"],
@@ -73,7 +83,8 @@ def test_default_config_is_the_offline_study():
 def _own_options():
     """(dataclass, its own option): the option named after its kind for a class per kind; otherwise the
     option the class's docstring names (see qspeech/config.py)."""
-    own = [(ModelConfig, "model=hubert"), (TrainConfig, "train=cpu"), (DataConfig, "data=mini")]
+    own = [(ModelConfig, "model=hubert"), (TrainConfig, "train=cpu"), (DataConfig, "data=mini"),
+           (LoggerConfig, "logger=csv")]
     own += [(cls, f"quant={method}") for method, cls in quant_schemas().items()]
     own += [(cls, f"task={kind}") for kind, cls in task_schemas().items()]
     return own
@@ -104,7 +115,8 @@ def test_root_defaults_are_the_yaml():
 # --------------------------------------------------------------------------------------- every key typed
 # Keys whose values are free-form by design: s3prl's architecture settings, split sources (a name or a list),
 # and values that are a choice of types (checked in __post_init__).
-UNTYPED = ("model.arch_cfg", "teacher.arch_cfg", "data.splits", "train.cache_features", "bench.bits")
+UNTYPED = ("model.arch_cfg", "teacher.arch_cfg", "data.splits", "train.cache_features", "bench.bits",
+           "optimized_metric")
 
 
 def _untyped_keys(node, path=""):
@@ -140,6 +152,9 @@ def test_every_key_is_typed(name, overrides):
     ("data.kind=nope", "data.kind=nope is unknown"),
     ("cost.seconds=0", "cost.seconds"),
     ("bench.bits=[4,5]", "bench.bits"),
+    ("logger=csv logger.name=wandb", "logger.name=wandb"),
+    ("optimized_metric=wer", "never a test score"),
+    ("optimized_metric=[dev,value]", "optimized_metric"),
 ])
 def test_bad_value_names_its_key(override, needle):
     from omegaconf.errors import OmegaConfBaseException
@@ -147,7 +162,7 @@ def test_bad_value_names_its_key(override, needle):
     from qspeech.checks import describe
 
     try:
-        cfg = _compose([override])
+        cfg = _compose(override.split())
     except Exception as e:  # a type error: Hydra refuses the override itself (the CLI describes it)
         cause = e.__cause__
         assert isinstance(cause, OmegaConfBaseException)

@@ -94,3 +94,34 @@ def test_targets_selection_exclude_and_overrides(hubert):
     assert len(mixed) == 72 - 6
     assert mixed["encoder.layers.11.fc1"] == 8 and mixed["encoder.layers.5.fc1"] == 2
     assert all(not k.startswith("final_proj") for k in select_targets(m, 2, ["all"]))
+
+
+def test_displayed_bits_are_the_counted_bits_and_the_summary_sums_to_the_totals(hubert):
+    """`qspeech cost` shows each weight at the bits storage counts it at (16 when not quantized, never 32),
+    and its summary by part adds up to the report's totals."""
+    from qspeech.cost import format_table, summary_by_group
+
+    chosen = select_targets(hubert.model, 2, ["linear"])
+    r = account(hubert, chosen, PER_CHANNEL, seconds=1.0)
+    modules = dict(hubert.model.named_modules())
+    for row in r.rows:
+        if not row.params:
+            assert row.stored_bits is None and row.storage_bits == 0
+        elif row.quantized:
+            w = modules[row.name].weight.numel()
+            assert row.stored_bits == 2
+            assert row.storage_bits == w * 2 + (row.params - w) * 16 + row.scale_values * 16
+        else:
+            assert row.stored_bits == 16 and row.storage_bits == row.params * 16
+    summary = {s["group"]: s for s in summary_by_group(r)}
+    assert sum(s["params"] for s in summary.values()) == r.params == 94_371_712
+    assert sum(s["macs"] for s in summary.values()) == r.macs
+    assert sum(s["bytes"] for s in summary.values()) == pytest.approx(r.storage_mb * 1e6)
+    assert summary["attention linears"]["params"] == 12 * 4 * (768 * 768 + 768)
+    assert summary["FFN"]["params"] == 12 * 2 * 768 * 3072 + 12 * (3072 + 768)
+    assert (summary["attention linears"]["bits"], summary["FFN"]["bits"], summary["CNN"]["bits"]) == ("2", "2", "16")
+    assert (summary["pos_conv"]["bits"], summary["norms"]["bits"], summary["attention matmuls"]["bits"]) == (
+        "16", "16", "-")
+    assert summary["CNN"]["modules"] == 7 and summary["attention matmuls"]["params"] == 0
+    text = format_table(r)
+    assert "By part of the model" in text and "| 32 " not in text

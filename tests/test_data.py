@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from qspeech.data import (
     DataWarning, Utterance, check_data_paths, config_fingerprint, data_config, load_split, normalize_text, prepare,
-    read_audio,
+    read_audio, record_skips,
 )
 from qspeech.data.mini import mini_root
 from qspeech.errors import ConfigError, DataError
@@ -89,6 +89,8 @@ def test_validate_data_config_errors(tmp_path):
         data_config({"name": "m", "kind": "mini", "mini": {"n_train": -5}})
     with pytest.raises(ConfigError, match="speakers"):
         data_config({"name": "m", "kind": "mini", "mini": {"train_speakers": 5000}})
+    with pytest.raises(ConfigError, match=r"data.max_skipped=1.5: must be a number in \[0.0, 1.0\]"):
+        data_config({"name": "m", "kind": "mini", "max_skipped": 1.5})
     for name in ("mini", "manifest", "librispeech", "real_speech"):  # every yaml parses, has name and kind
         c = OmegaConf.load(REPO / f"conf/data/{name}.yaml")
         assert c.name == name and c.kind in ("mini", "manifest", "librispeech")
@@ -116,14 +118,21 @@ def test_manifest_bad_rows_skipped_with_one_warning(tmp_path):
         ("u4", "a/missing.wav", 1.0, 16000, "s2", "missing file"),
         ("u5", "a/broken.wav", 1.0, 16000, "s2", "broken file"),
     ])
-    cfg = {"name": "t", "kind": "manifest", "manifest": str(tsv)}
-    with warnings.catch_warnings(record=True) as caught:
+    cfg = {"name": "t", "kind": "manifest", "manifest": str(tsv), "max_skipped": 0.6}
+    with warnings.catch_warnings(record=True) as caught, record_skips() as skips:
         warnings.simplefilter("always")
         utts = load_split(data_config(cfg), "test", tmp_path / "cache")
     ours = [w for w in caught if issubclass(w.category, DataWarning)]
     assert len(ours) == 1
     msg = str(ours[0].message)
     assert "skipped 3 of 5" in msg and "missing.wav" in msg and "empty transcript" in msg
+    assert sorted((Path(s.path).name, s.kind) for s in skips) == [
+        ("broken.wav", "audio"), ("missing.wav", "audio"), ("notext.wav", "entry")]
+    # above data.max_skipped (3 of 5 > 0.5): one-line DataError naming the bound, nothing recorded
+    with pytest.raises(DataError, match=r"3 of 5 utterances are unusable, more than data.max_skipped=0.5 ") as e, \
+            record_skips() as none:
+        load_split(data_config({**cfg, "max_skipped": 0.5}), "test", tmp_path / "cache")
+    assert "\n" not in str(e.value) and none == []
     assert [u.utt_id for u in utts] == ["u1", "u2"]
     assert utts[0] == Utterance("u1", os.path.abspath(tmp_path / "a" / "ok1.wav"), "FIRST ONE", "s1", 1.0)
     assert read_audio(utts[1].path).shape[0] == 8000
@@ -232,3 +241,17 @@ def test_mini_tiny_deterministic_and_speaker_disjoint(tmp_path):
     cfg.seed = 1
     assert [u.text for u in load_split(cfg, "test", tmp_path / "c1")] != [u.text for u in a["test"]]
     assert config_fingerprint(cfg, "test") != config_fingerprint(_tiny_mini(), "test")
+
+
+def test_manifest_encodings(tmp_path):
+    sf.write(tmp_path / "a.wav", _tone(0.5, 16000), 16000)
+    header = "utt_id\taudio\ttext\n"
+    cases = {"latin1.tsv": (header + "u1\ta.wav\tCaf\u00e9\n").encode("latin-1"),
+             "bom.tsv": b"\xef\xbb\xbf" + (header + "u1\ta.wav\tCaf\u00e9\r\n").encode()}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(byte 0xe9 on line 2\): save it as UTF-8"):
+        load_split(data_config({"name": "t", "kind": "manifest", "manifest": str(tmp_path / "latin1.tsv")}), "dev", tmp_path)
+    (u,) = load_split(data_config({"name": "t", "kind": "manifest", "manifest": str(tmp_path / "bom.tsv")}), "dev",
+                      tmp_path)
+    assert (u.utt_id, u.text) == ("u1", "CAFE")

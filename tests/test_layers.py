@@ -15,6 +15,7 @@ LAYERS = [
     ("leaves", ["qspeech", "qspeech.errors", "qspeech.atomic", "qspeech.seeding", "qspeech.paper", "qspeech.checks",
                 "qspeech.records"]),
     ("quant core", ["qspeech.quant"]),
+    ("loggers", ["qspeech.loggers"]),
     ("loop", ["qspeech.loop"]),
     ("upstream", ["qspeech.upstream"]),
     ("data", ["qspeech.data"]),
@@ -25,7 +26,7 @@ LAYERS = [
     ("schema", ["qspeech.config"]),
     ("pipeline", ["qspeech.qat", "qspeech.export", "qspeech.results", "qspeech.runner", "qspeech.bench",
                   "qspeech.pretrain", "qspeech.report", "qspeech.demo"]),
-    ("cli", ["qspeech.cli", "qspeech.__main__"]),
+    ("cli", ["qspeech.cli", "qspeech.completion", "qspeech.__main__"]),
 ]
 
 

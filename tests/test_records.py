@@ -86,6 +86,7 @@ def test_records_round_trip():
     # cost.json's layout: totals, then the rows under "modules", each with the derived `quantized`
     assert list(d) == ["params", "quantized_params", "macs", "storage_mb", "est_runtime", "seconds", "modules"]
     assert [x["quantized"] for x in d["modules"]] == [True, False]
+    assert [x["stored_bits"] for x in d["modules"]] == [2, 16]  # what storage counts (bits=32: not quantized)
     assert CostReport.from_dict(json.loads(json.dumps(d))) == c
 
 

@@ -1,8 +1,10 @@
 """Results files and the report: atomic writes, failed runs kept, unreadable files skipped, paper rows."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from qspeech.report import build_table, make_report
 from qspeech.results import RunResult, collect, load_results, write_json_atomic
@@ -51,15 +53,19 @@ def test_report_keeps_failed_skips_unreadable_and_adds_paper(tmp_path):
     assert rep["plot"] is not None and rep["plot"].stat().st_size > 0
 
 
-def test_one_row_per_experiment_latest_success_wins(tmp_path):
+def test_replicates_are_aggregated_and_failures_kept(tmp_path):
+    """Runs of one experiment (no config recorded: older files) are one row; a failed rerun is its own row."""
     results = [
         _result("tiny_hubert", 4, 30.0, finished="2026-01-01T00:00:00"),
-        _result("tiny_hubert", 4, 25.0, finished="2026-01-02T00:00:00"),
-        _result("tiny_hubert", 4, None, status="failed", finished="2026-01-03T00:00:00"),
+        _result("tiny_hubert", 4, 26.0, finished="2026-01-02T00:00:00"),
+        _result("tiny_hubert", 4, None, status="failed", error="boom", finished="2026-01-03T00:00:00"),
     ]
     ours = build_table([RunResult.from_dict(r) for r in results])
-    ours = ours[ours.source == "qspeech"]
-    assert len(ours) == 1 and ours.iloc[0].value == 25.0
+    ours = ours[ours.source == "qspeech"].set_index("status")
+    assert len(ours) == 2
+    assert ours.loc["ok", "value"] == 28.0 and ours.loc["ok", "n"] == 2
+    assert ours.loc["ok", "value_std"] == pytest.approx(2 ** 0.5 * 2)  # sample std of 30, 26
+    assert ours.loc["failed", "error"] == "boom"
 
 
 def test_collect_rejects_results_without_required_keys(tmp_path):
@@ -110,3 +116,134 @@ def test_torch_save_atomic_bytes_depend_on_the_object_only(tmp_path):
     assert {n.split("/")[0] for n in zipfile.ZipFile(a).namelist()} == {"model"}  # the stem, no temp name
     assert os.listdir(tmp_path / "a") == ["model.pt"]  # no temp folder left behind
     assert torch.equal(torch.load(a, weights_only=True)["w"], obj["w"])
+
+
+# ------------------------------------------------------------------ every run kept: sweeps, seeds, failures
+
+def _config(seed=0, lr=0.002, bits=32, method="rtn", n_train=800, max_steps=1000, init="pretrained", **extra):
+    """The part of a recorded config (result.json's `config`) these tests vary; the rest is constant."""
+    return {"model": {"name": "tiny_hubert", "init": init, "ckpt": None},
+            "quant": {"method": method, "targets": ["linear"], "steps": 150 if method == "bit" else 0},
+            "task": {"name": "asr_small", "lr": lr}, "data": {"name": "mini", "mini": {"n_train": n_train}},
+            "train": {"max_steps": max_steps, "num_threads": 1}, "bits": bits, "seed": seed,
+            "cache_dir": f"/tmp/cache{seed}", **extra}
+
+
+def _run(out, name, bits, value, cer=None, **cfg):
+    status = "ok" if value is not None else "failed"
+    extra = {"error": f"ValueError: job {name} exploded"} if status == "failed" else {}
+    res = _result("tiny_hubert", bits, value, status=status, config=_config(bits=bits, **cfg),
+                  init=cfg.get("init", "pretrained"), **extra)
+    if cer is not None:
+        res["metrics"] = {"metric": "wer", "value": value, "cer": cer}
+    write_json_atomic(out / "run" / name / "result.json", res)
+
+
+def _ours(rep):
+    table = pd.read_csv(rep["csv"], dtype={c: object for c in ("overrides", "flags", "seeds")})
+    for c in ("overrides", "flags", "seeds"):  # empty cells are "" (pandas reads them as NaN)
+        table[c] = table[c].where(table[c].notna(), "")
+    return table[table.source == "qspeech"]
+
+
+def test_seed_sweep_is_one_row_with_mean_std_n_and_rise_from_means(tmp_path):
+    out = tmp_path / "outputs"
+    for seed, (fp, q) in enumerate([(60.0, 90.0), (62.0, 93.0), (64.0, 96.0)]):
+        _run(out, f"fp_s{seed}", 32, fp, cer=20.0 + seed, seed=seed)
+        _run(out, f"q2_s{seed}", 2, q, seed=seed)
+    rep = make_report(out)
+    ours = _ours(rep).set_index("bits")
+    assert rep["runs"] == 6 and len(ours) == 2
+    assert ours.loc[32, "value"] == 62.0 and ours.loc[32, "value_std"] == 2.0 and ours.loc[32, "n"] == 3
+    assert ours.loc[32, "seeds"] == "0,1,2" and ours.loc[32, "cer"] == 21.0 and ours.loc[32, "cer_std"] == 1.0
+    assert ours.loc[2, "value"] == 93.0 and ours.loc[2, "value_std"] == 3.0
+    assert ours.loc[2, "rise_pct"] == 50.0  # (93 - 62) / 62, from the means
+    assert set(ours.overrides) == {""}  # seeds, cache dirs and thread counts do not split rows
+    md = rep["markdown"].read_text()
+    assert "62.00 ± 2.00 (n=3)" in md and "93.00 ± 3.00 (n=3)" in md and "+50.0 %" in md
+
+
+def test_lr_sweep_gives_rows_labelled_by_lr(tmp_path):
+    out = tmp_path / "outputs"
+    for lr, value in [(0.001, 70.0), (0.002, 65.0), (0.004, 80.0)]:
+        _run(out, f"lr{lr}", 32, value, lr=lr)
+    _run(out, "lr0.002_s1", 32, 67.0, lr=0.002, seed=1)  # a second seed of one of them
+    ours = _ours(make_report(out)).set_index("overrides")
+    assert sorted(ours.index) == ["task.lr=0.001", "task.lr=0.002", "task.lr=0.004"]
+    assert ours.loc["task.lr=0.001", "value"] == 70.0 and ours.loc["task.lr=0.001", "n"] == 1
+    assert ours.loc["task.lr=0.002", "value"] == 66.0 and ours.loc["task.lr=0.002", "n"] == 2
+
+
+def test_quantized_rows_rise_against_the_full_precision_row_of_their_recipe(tmp_path):
+    """An n_train sweep at 32 and 2 bits: each 2-bit row is compared with the 32-bit row of its own data size;
+    the quantizer's own settings (unused at 32 bits) do not split the full-precision rows."""
+    out = tmp_path / "outputs"
+    _run(out, "fp800", 32, 50.0, n_train=800)
+    _run(out, "fp800_bit", 32, 50.0, n_train=800, method="bit")  # quant=bit bits=32: the same experiment
+    _run(out, "fp3000", 32, 40.0, n_train=3000)
+    _run(out, "q800", 2, 60.0, n_train=800)
+    _run(out, "q3000", 2, 60.0, n_train=3000)
+    ours = _ours(make_report(out)).set_index(["bits", "overrides"])
+    assert ours.loc[(32, "data.mini.n_train=800"), "n"] == 2
+    assert ours.loc[(2, "data.mini.n_train=800"), "rise_pct"] == 20.0
+    assert ours.loc[(2, "data.mini.n_train=3000"), "rise_pct"] == 50.0
+
+
+def test_sweep_with_failures_lists_every_failed_job_with_its_error(tmp_path):
+    """The issue's case: a 10-job sweep with 6 failures showed 1 ok row and 0 failed rows."""
+    out = tmp_path / "outputs"
+    for i, lr in enumerate([0.001, 0.002, 0.003, 0.004, 0.005]):
+        for bits in (32, 2):
+            ok = (i, bits) in {(0, 32), (0, 2), (1, 32), (2, 32)}
+            _run(out, f"j{i}_{bits}", bits, 70.0 + i if ok else None, lr=lr)
+    rep = make_report(out)
+    ours = _ours(rep)
+    assert len(ours) == 10 and (ours.status == "ok").sum() == 4 and (ours.status == "failed").sum() == 6
+    failed = ours[ours.status == "failed"]
+    assert all(failed.error.str.startswith("ValueError: job j")) and failed.overrides.str.startswith("task.lr=").all()
+    md = rep["markdown"].read_text()
+    assert md.count("- failed: tiny_hubert") == 6
+    assert "- failed: tiny_hubert rtn 2-bit asr_small mini task.lr=0.005, seed 0: ValueError: job j4_2 exploded" in md
+    assert rep["plot"].stat().st_size > 0
+
+
+def test_smoke_and_random_init_runs_are_flagged(tmp_path):
+    out = tmp_path / "outputs"
+    _run(out, "real", 32, 60.0)
+    _run(out, "smoke", 32, 99.0, max_steps=6)
+    _run(out, "random", 32, 100.0, init="random")
+    _run(out, "cli_smoke", 2, 99.0)  # flagged by its command line
+    (out / "run" / "cli_smoke" / ".hydra").mkdir()
+    (out / "run" / "cli_smoke" / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n- bits=2\n")
+    ours = _ours(make_report(out))
+    flags = {Path(d).name: f for d, f in zip(ours.run_dir, ours["flags"])}
+    assert flags == {"real": "", "smoke": "smoke", "random": "random init", "cli_smoke": "smoke"}
+
+
+def test_plot_labels_the_metric_unit_and_panels(tmp_path):
+    from qspeech.report import _ylabel, plot
+
+    out = tmp_path / "outputs"
+    _run(out, "fp", 32, 60.0)
+    _run(out, "q", 2, 70.0)
+    table = make_report(out)["table"]
+    assert _ylabel(table[table.source == "qspeech"]) == "WER (%)"
+    import matplotlib.pyplot as plt
+
+    titles = []
+    orig = plt.Axes.set_title
+    try:
+        plt.Axes.set_title = lambda ax, t, **kw: (titles.append(t), orig(ax, t, **kw))[1]
+        plot(table, tmp_path / "p.png")
+    finally:
+        plt.Axes.set_title = orig
+    assert "Our runs: task asr_small, data mini" in titles
+    assert any(t.startswith("Published (Yeh et al. 2023): task asr, data librispeech") for t in titles)
+
+
+def test_report_refuses_a_missing_outputs_folder(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("report", "--outputs", str(tmp_path / "nope"), cwd=tmp_path)
+    assert proc.returncode == 2 and not (tmp_path / "nope").exists()
+    assert proc.stderr.strip().count("\n") == 0 and "nope: no such folder" in proc.stderr

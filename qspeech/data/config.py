@@ -103,6 +103,9 @@ class DataConfig:
     # Per-split utterance cap (null = all); a deterministic subset spread over speakers.
     max_utts: dict[str, int | None] = field(default_factory=_per_split)
     mini: MiniConfig = field(default_factory=MiniConfig)
+    # Unusable utterances (missing / empty / unreadable audio, empty transcript) are skipped and counted
+    # (result.json: metrics.skipped_audio) up to this fraction of a split; above it loading fails (exit 2).
+    max_skipped: float = 0.05
 
     def __post_init__(self):
         need(self.kind in KINDS, "kind", self.kind, f"is unknown; use one of {', '.join(KINDS)}")
@@ -112,6 +115,8 @@ class DataConfig:
         for s, v in self.splits.items():
             ok = v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
             need(ok, f"splits.{s}", v, "must be null, a name/path or a list of them")
+        number(self, "max_skipped", 0.0, 1.0)
+        self.max_skipped = float(self.max_skipped)
         self.max_utts = _splits_dict(self, "max_utts", None)
         for s, v in self.max_utts.items():
             need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), f"max_utts.{s}", v,

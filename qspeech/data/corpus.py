@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from qspeech.data.config import SPLITS, DataConfig, check_data_paths, resolve_pa
 from qspeech.data.text import normalize_text
 from qspeech.errors import ConfigError, DataError
 
-__all__ = ["Utterance", "DataWarning", "load_split", "prepare", "config_fingerprint"]
+__all__ = ["Utterance", "DataWarning", "Skip", "load_split", "prepare", "config_fingerprint", "record_skips"]
 
 # Bump when loading/validation/resampling changes what a split yields (invalidates feature caches).
 DATA_VERSION = 1
@@ -34,6 +36,32 @@ class Utterance:
     text: str  # normalised (normalize_text)
     speaker: str
     duration_s: float | None
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An utterance a split left out: kind "audio" (missing, empty, unreadable) or "entry" (empty
+    transcript, duplicate id, a manifest row without id or audio)."""
+
+    split: str
+    path: str
+    reason: str
+    kind: str
+
+
+_SKIP_LOGS: list[list[Skip]] = []
+
+
+@contextmanager
+def record_skips() -> Iterator[list[Skip]]:
+    """Collect the Skips of every split loaded inside the block (the runner counts them into result.json:
+    the task never sees these files, so it cannot count them itself)."""
+    log: list[Skip] = []
+    _SKIP_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _SKIP_LOGS.remove(log)
 
 
 # ----------------------------------------------------------------------------------------- readers
@@ -65,8 +93,30 @@ def _read_librispeech(root: Path, subsets: list[str]):
 
 
 def _read_manifest(tsv: Path):
+    try:
+        return _parse_manifest(tsv)
+    except UnicodeDecodeError:  # transcripts in Latin-1 / cp1252: guessing would change the text scored
+        raise DataError(f"manifest {tsv} is not UTF-8 text ({_first_bad_byte(tsv.read_bytes())}): save it as "
+                        "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as e:
+        raise DataError(f"manifest {tsv} is not a readable TSV ({e})") from None
+    except OSError as e:
+        raise DataError(f"cannot read manifest {tsv}: {e.strerror or type(e).__name__}") from None
+
+
+def _first_bad_byte(raw: bytes) -> str:
+    """'byte 0xe9 on line 3' (the decoder's own offset is relative to the chunk it was reading)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return f"byte 0x{raw[e.start]:02x} on line {line}"
+    return "an invalid byte"
+
+
+def _parse_manifest(tsv: Path):
     cands, problems = [], []
-    with open(tsv, encoding="utf-8", newline="") as f:
+    with open(tsv, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark (Excel) is not a column
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = [c for c in _MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -75,7 +125,7 @@ def _read_manifest(tsv: Path):
         for i, row in enumerate(reader, start=2):
             utt_id, audio = (row.get("utt_id") or "").strip(), (row.get("audio") or "").strip()
             if not utt_id or not audio:
-                problems.append((f"{tsv}:{i}", "row without utt_id or audio"))
+                problems.append((f"{tsv}:{i}", "row without utt_id or audio", "entry"))
                 continue
             path = Path(os.path.expanduser(audio))
             path = path if path.is_absolute() else tsv.parent / path
@@ -129,29 +179,23 @@ def _load(cfg: DataConfig, split: str, cache_dir, progress: bool = True):
     for utt_id, path, raw_text, speaker, dur in cands:
         text = normalize_text(raw_text)
         if utt_id in utts:
-            problems.append((path, f"duplicate utt_id {utt_id}"))
+            problems.append((path, f"duplicate utt_id {utt_id}", "entry"))
             continue
         if not text and split != "unlabeled":
-            problems.append((path, "empty transcript"))
+            problems.append((path, "empty transcript", "entry"))
             continue
         try:
             frames, sr = audio_info(path)
         except DataError as e:
             reason = " ".join(str(e).replace(str(path), "").replace(" : ", ": ").split()).strip(" :")
-            problems.append((path, reason))
+            problems.append((path, reason, "audio"))
             continue
         utts[utt_id] = Utterance(utt_id=utt_id, path=os.path.abspath(path), text=text, speaker=str(speaker),
                                  duration_s=round(frames / sr, 4))
-    total = len(utts) + len(problems)
-    if problems:
-        shown = "; ".join(f"{p} ({why})" for p, why in problems[:3])
-        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        warnings.warn(f"data={cfg.name} split={split}: skipped {len(problems)} of {total} utterances "
-                      f"(unreadable/empty audio or empty transcript): {shown}{more}", DataWarning, stacklevel=3)
-    if not utts:
-        first = f" e.g. {problems[0][0]} ({problems[0][1]})" if problems else ""
-        raise DataError(f"no usable utterances in split {split} of data={cfg.name} from {where}:{first}; "
-                        "fix or replace the audio/transcripts or point the config elsewhere")
+    skips = [Skip(split, str(p), why, kind) for p, why, kind in problems]
+    _check_skips(cfg, split, where, skips, len(utts) + len(skips))
+    for log in _SKIP_LOGS:
+        log.extend(skips)
     out = sorted(utts.values(), key=lambda u: u.utt_id)
     cap = cfg.max_utts.get(split)
     if cap is not None and cap < len(out):
@@ -161,11 +205,30 @@ def _load(cfg: DataConfig, split: str, cache_dir, progress: bool = True):
     return cfg, out, problems
 
 
+def _check_skips(cfg: DataConfig, split: str, where: str, skips: list[Skip], total: int) -> None:
+    """Warn about skipped utterances; DataError when none is usable or more than data.max_skipped are not."""
+    shown = "; ".join(f"{s.path} ({s.reason})" for s in skips[:3])
+    more = f"; and {len(skips) - 3} more" if len(skips) > 3 else ""
+    if len(skips) == total:  # total 0 too: an empty manifest or folder
+        example = f": e.g. {shown}" if skips else " (it lists no utterances)"
+        raise DataError(f"no usable utterances in split {split} of data={cfg.name} from {where}{example}; "
+                        "fix or replace the audio/transcripts or point the config elsewhere")
+    if not skips:
+        return
+    if len(skips) > cfg.max_skipped * total:
+        raise DataError(f"data={cfg.name} split={split}: {len(skips)} of {total} utterances are unusable, more "
+                        f"than data.max_skipped={cfg.max_skipped:g} of the split: {shown}{more}; fix the data or "
+                        f"raise data.max_skipped")
+    warnings.warn(f"data={cfg.name} split={split}: skipped {len(skips)} of {total} utterances (unreadable/empty "
+                  f"audio or empty transcript; counted in result.json): {shown}{more}", DataWarning, stacklevel=4)
+
+
 def load_split(data_cfg: DataConfig, split: str, cache_dir) -> list[Utterance]:
     """Utterances of `split` ("train" | "dev" | "test" | "unlabeled"), validated, sorted by utt_id, capped by
     data.max_utts.<split>. For kind=mini the corpus is synthesized into <cache_dir>/corpora/ on first use.
 
-    Unusable utterances are skipped with one DataWarning; DataError if none is left.
+    Unusable utterances are skipped with one DataWarning (and reported to record_skips); DataError if none is
+    left or more than data.max_skipped of the split.
     """
     return _load(data_cfg, split, cache_dir)[1]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qspeech.atomic import write_text_atomic
+from qspeech.atomic import ensure_folder, write_text_atomic
 from qspeech.data.config import SPLITS, DataConfig, MiniConfig
 from qspeech.data.text import normalize_text, number_to_words
 from qspeech.errors import ConfigError, DataError
@@ -405,7 +405,7 @@ def ensure_split(cfg: DataConfig, split: str, cache_dir, progress: bool = True) 
     final = root / split
     if final.is_dir():
         return root
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_folder(root, "the corpus cache", "set QSPEECH_CACHE to a writable folder")
     with FileLock(str(root / f".{split}.lock")):
         if final.is_dir():  # another process finished it while we waited
             return root

@@ -10,6 +10,14 @@ import jiwer
 from qspeech.records import Record, optional
 
 
+# Whether a larger value of a metric is better (report and sweeps compare with it); error rates are not.
+HIGHER_IS_BETTER = {"wer": False, "cer": False, "per": False, "acc": True}
+
+
+def higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER.get(metric, False)
+
+
 def _pairs(refs: list[str], hyps: list[str]) -> tuple[list[str], list[str]]:
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
@@ -34,9 +42,12 @@ class TaskMetrics(Record):
     the checkpoint, and how training went. Task-specific scores (ASR's dev_wer, cer, dev_cer) are left out of
     the file by tasks that do not have them."""
 
-    metric: str  # name of `value`, e.g. "wer"
-    value: float  # the test score, in the metric's unit (WER in percent)
+    metric: str  # name of `value`: wer, per (lower is better) or acc (higher is better); see HIGHER_IS_BETTER
+    value: float  # the test score, in percent
+    higher_is_better: bool | None = optional()  # written by tasks whose metric is not an error rate
     dev_wer: float | None = optional()
+    dev_per: float | None = optional()
+    dev_acc: float | None = optional()
     cer: float | None = optional()
     dev_cer: float | None = optional()
     steps: int | None = None
@@ -53,6 +64,8 @@ class TaskMetrics(Record):
     resumed_from_step: int | None = None
     device: str | None = None
     head_params: int | None = None
+    n_classes: list[int] | None = optional()  # classification: classes per slot (IC: action, object, location)
+    majority_acc: float | None = optional()  # classification: test accuracy of always answering train's majority
 
     @property
     def dev_value(self) -> float | None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
+from qspeech.errors import CheckpointError
 from qspeech.upstream import builders, checkpoints
 from qspeech.upstream.config import ModelConfig
 from qspeech.upstream.model import SAMPLE_RATE, Upstream, UpstreamOutput, UpstreamSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ModelConfig", "build_upstream", "save_checkpoint", "fingerprint", "Upstream", "UpstreamOutput", "UpstreamSpec", "SAMPLE_RATE"]
 
@@ -16,6 +20,9 @@ def build_upstream(cfg: ModelConfig) -> Upstream:
     """The upstream of the `model` config group: random weights (init=random) or a checkpoint (ckpt, else
     the packaged asset, else the url)."""
     arch_cfg = dict(cfg.arch_cfg)
+    if cfg.ckpt and (cfg.arch == "fbank" or cfg.init == "random"):
+        why = "model=fbank has no weights" if cfg.arch == "fbank" else "model.init=random builds random weights"
+        log.warning("model.ckpt=%s is ignored: %s (pass model.init=pretrained to load it)", cfg.ckpt, why)
     if cfg.arch == "fbank":  # no weights: init, ckpt and asset do not apply
         from qspeech.upstream.fbank import FbankUpstream
 
@@ -25,6 +32,11 @@ def build_upstream(cfg: ModelConfig) -> Upstream:
         spec = UpstreamSpec(cfg.name, cfg.arch, arch_cfg, "random", None)
     else:
         path = checkpoints.resolve(cfg.name, cfg.url, cfg.ckpt, cfg.asset)
+        if path.suffix == ".safetensors":  # qspeech's packed export, not an s3prl checkpoint
+            raise CheckpointError(
+                f"model.ckpt={cfg.ckpt} is a safetensors file (qspeech's packed export?); model.ckpt takes s3prl's "
+                f"checkpoint format: pass the upstream.s3prl.pt written beside it, or load the packed file in "
+                f"Python with qspeech.export.load_packed")
         state = checkpoints.load(path, trust=cfg.trust_checkpoint)
         checkpoints.check_format(state, cfg.arch, path)
         model, normalize = builders.build_from_state(cfg.arch, state)

@@ -7,6 +7,8 @@ import os
 import pickle
 import urllib.error
 import urllib.request
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -88,35 +90,60 @@ def resolve(name: str, url: str | None, ckpt: str | None, asset: str | None) -> 
         ) from None
 
 
+def _unreadable(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable checkpoint ({why}): it is corrupt, truncated or another "
+                           "kind of file; re-download it or pass another model.ckpt")
+
+
+def _blocked_global(e: Exception) -> str | None:
+    """The class/function a well-formed pickle wanted that weights_only refused, or None when the failure is
+    something else (garbage bytes, a truncated stream): only the former is a file one might choose to trust."""
+    for line in str(e).splitlines():
+        if "unsupported global" in line.lower():  # "Unsupported global: GLOBAL x.y", "load unsupported GLOBAL x.y"
+            words = line.replace(":", " ").split()
+            i = next((k for k, w in enumerate(words) if w == "GLOBAL"), None)
+            return words[i + 1] if i is not None and i + 1 < len(words) else "a Python object"
+    return None
+
+
 def load(path: Path, trust: bool = False) -> dict:
-    """torch.load with weights_only=True unless the user trusts the file (model.trust_checkpoint=true)."""
+    """torch.load with weights_only=True unless the user trusts the file (model.trust_checkpoint=true).
+    Only a well-formed file whose pickle names non-tensor objects is offered the trust switch; corrupt or
+    truncated files are called that, since unpickling them fully would not help and may run code."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise _unreadable(path, "0 bytes")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # a non-torch pickle makes torch warn before it fails: one line only
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if not trust:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"{path} holds objects other than tensors and plain containers ({first[:120]}); "
-                f"if you trust the file, pass model.trust_checkpoint=true"
-            ) from None
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint: {e}") from None
-    except Exception as e:  # truncated zip, random bytes, wrong file type...
+        blocked = None if trust else _blocked_global(e)
+        if blocked is None:
+            raise _unreadable(path, "not a valid pickle") from None
         raise CheckpointError(
-            f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); re-download it or pass "
-            f"another model.ckpt"
+            f"{path} holds objects other than tensors and plain containers ({blocked}), which a safe load "
+            "refuses; if you trust the file and its source, pass model.trust_checkpoint=true"
         ) from None
+    except Exception as e:  # truncated zip, random bytes, wrong file type...
+        raise _unreadable(path, type(e).__name__) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not an s3prl checkpoint (a {type(state).__name__}, not a dict)")
     return state
 
 
 def check_format(state: dict, arch: str, path: Path) -> None:
+    """The keys of `arch`'s s3prl format are there and each config / weights entry is a mapping, so a file
+    of the wrong kind is one line here rather than a TypeError in the model builder."""
     fmt = ARCH_FORMAT[arch]
     missing = [k for k in FORMATS[fmt] if k not in state]
     if missing:
         found = next((f for f, keys in FORMATS.items() if all(k in state for k in keys)), None)
-        hint = f"it looks like a '{found}' checkpoint" if found else f"its keys are {sorted(state)[:6]}"
+        hint = f"it looks like a '{found}' checkpoint" if found else f"its keys are {sorted(map(str, state))[:6]}"
         raise CheckpointError(
             f"{path} is not an s3prl {arch} checkpoint (missing {', '.join(missing)}; {hint}); "
             f"check model= matches the file"
         )
+    bad = [k for k in FORMATS[fmt] if not isinstance(state[k], Mapping)]
+    if bad:
+        raise CheckpointError(f"{path} is not an s3prl {arch} checkpoint ({', '.join(bad)} should be a mapping, "
+                              f"not {type(state[bad[0]]).__name__}); check model= matches the file")

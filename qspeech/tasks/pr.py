@@ -1,0 +1,268 @@
+"""SUPERB phoneme recognition (s3prl 0.4.18 `problem/asr/superb_pr.py`): frozen upstream -> weighted sum of all
+hidden states -> FrameLevelLinear (Linear(D, 256) -> Linear(256, phones), no non-linearity) -> CTC (blank 0)
+over the 39 CMU phones without stress, greedy decoding, PER (phone edit distance / reference phones, over the
+split); Adam 1e-2, batch 16, 100k steps, dev PER every 1k (conf/train/superb_pr.yaml).
+
+Labels: task=pr reads LibriSpeech (data=librispeech) and turns each transcript into phones with the recipe's
+lexicon (s3prl's librispeech-lexicon-200k-g2p.txt + -allothers-g2p.txt, first pronunciation, stress digits
+dropped); task=pr_small uses the synthesized mini corpus (data=mini, the ASR corpus) with the phones eSpeak NG
+spoke for each utterance, in its voice's accent (qspeech/data/phonemes.py maps them to the same 39 phones).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qspeech.checks import choice, integer, need, number
+from qspeech.data.phonemes import CMU_PHONES, phonemize, strip_stress
+from qspeech.errors import ConfigError, DataError, TrainingError
+from qspeech.tasks.asr import CachedSource, Featurizer, LiveSource, _metrics
+from qspeech.tasks.config import Task, TaskConfig
+from qspeech.tasks.ctc import greedy_decode
+from qspeech.tasks.metrics import TaskMetrics, wer
+
+log = logging.getLogger(__name__)
+
+LEXICON_URLS = (
+    "https://huggingface.co/datasets/s3prl/g2p/raw/main/lexicon/librispeech-lexicon-200k-g2p.txt",
+    "https://huggingface.co/datasets/s3prl/g2p/raw/main/lexicon/librispeech-lexicon-allothers-g2p.txt",
+)
+PHONES = ("<blank>", *CMU_PHONES)  # CTC blank at 0, as s3prl
+
+
+@dataclass
+class PRConfig(TaskConfig):
+    """The `task` config group for kind=pr; the defaults are conf/task/pr.yaml (SUPERB's recipe)."""
+
+    name: str = "pr"
+    kind: str = "pr"
+    # labels: lexicon (transcripts through the lexicon files) | espeak (what eSpeak NG spoke: data=mini only)
+    labels: str = "lexicon"
+    # lexicon files; null: s3prl's two LibriSpeech g2p lexicons in s3prl's download cache (~/.cache/s3prl/download)
+    lexicon: list[str] | None = None
+    featurizer_normalize: bool = False
+    hidden_size: int = 256  # FrameLevelLinear's hidden_sizes=[256]
+    lr: float = 1.0e-2  # Adam
+    layer: int | None = None  # null: weighted sum of all hidden states; k: hidden state k alone
+
+    def __post_init__(self):
+        super().__post_init__()
+        choice(self, "kind", ("pr",))
+        choice(self, "labels", ("lexicon", "espeak"))
+        need(self.lexicon is None or (isinstance(self.lexicon, list) and all(isinstance(x, str) for x in self.lexicon)
+                                      and self.lexicon), "lexicon", self.lexicon, "must be null or a list of files")
+        integer(self, "hidden_size", 1)
+        number(self, "lr", 0, lo_open=True)
+        integer(self, "layer", 0, optional=True)
+
+
+class PRHead(nn.Module):
+    def __init__(self, num_hidden: int, hidden_dim: int, cfg: PRConfig):
+        super().__init__()
+        if cfg.layer is not None and cfg.layer >= num_hidden:
+            raise ConfigError(f"task.layer={cfg.layer}: the upstream has hidden states 0..{num_hidden - 1}")
+        self.layer = cfg.layer
+        self.featurizer = Featurizer(num_hidden, cfg.featurizer_normalize)
+        self.proj = nn.Linear(hidden_dim, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, len(PHONES))
+
+    def forward(self, hs: torch.Tensor, lens: torch.Tensor):
+        x = self.featurizer(hs) if self.layer is None else hs[:, :, self.layer]
+        return self.out(self.proj(x)), lens
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def read_lexicon(files: list[str]) -> dict[str, list[str]]:
+    """word -> phones (first pronunciation, stress digits dropped), as s3prl's G2P reads its lexicon files."""
+    lex: dict[str, list[str]] = {}
+    for f in files:
+        p = Path(f).expanduser()
+        if not p.is_file():
+            raise DataError(f"pronunciation lexicon not found: {p}; set task.lexicon=[/path/to/lexicon.txt] "
+                            f"(s3prl's: {LEXICON_URLS[0]})")
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            word, *phones = line.replace("\t", " ").split()
+            if phones and word.upper() not in lex:
+                lex[word.upper()] = [strip_stress(x) for x in phones]
+    return lex
+
+
+def _lexicon_files(cfg: PRConfig) -> list[str]:
+    if cfg.lexicon is not None:
+        return list(cfg.lexicon)
+    from qspeech.upstream.checkpoints import s3prl_cache_path
+
+    return [str(s3prl_cache_path(u)) for u in LEXICON_URLS]
+
+
+def _voices(utts) -> dict[str, str]:
+    """utt_id -> eSpeak voice, from the mini corpus's manifest.tsv beside each split's speaker folders."""
+    voices: dict[str, str] = {}
+    for manifest in sorted({Path(u.path).parents[2] / "manifest.tsv" for u in utts}):
+        if not manifest.is_file():
+            raise DataError(f"task.labels=espeak needs the synthesized corpus (data=mini): no {manifest}")
+        with open(manifest, newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                voices[row["utt_id"]] = row["voice"]
+    return voices
+
+
+def phone_targets(cfg: PRConfig, utts, lexicon: dict | None) -> list[list[int]]:
+    """Phone ids (PHONES) of each utterance; DataError naming an utterance without phones or an unknown word."""
+    index = {p: i for i, p in enumerate(PHONES)}
+    voices = _voices(utts) if cfg.labels == "espeak" else {}
+    out = []
+    for u in utts:
+        if cfg.labels == "espeak":
+            phones = phonemize(u.text.lower(), voices.get(u.utt_id, "en-us"))
+        else:
+            phones = []
+            for w in u.text.split():
+                if w not in lexicon:
+                    raise DataError(f"word {w!r} of {u.utt_id} is not in the lexicon ({', '.join(_lexicon_files(cfg))})")
+                phones += lexicon[w]
+        bad = next((p for p in phones if p not in index), None)
+        if bad is not None:
+            raise DataError(f"phone {bad!r} of {u.utt_id} is not one of the 39 CMU phones")
+        if not phones:
+            raise DataError(f"utterance {u.utt_id} ({u.path}) has no phonemes: its transcript {u.text!r} is empty "
+                            "or unpronounceable; remove it from the data")
+        out.append([index[p] for p in phones])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- task
+class PRTask:
+    """The `Trainable` for qspeech.train.fit: CTC over phones, dev PER picks the checkpoint."""
+
+    select_metric = "per"
+
+    def __init__(self, model: PRHead, sources: dict, targets: dict, lr: float, eval_batch_size: int = 32):
+        self.model, self.sources, self.targets, self.lr = model, sources, targets, lr
+        self.eval_batch_size = eval_batch_size
+        self.last_predictions: dict[str, list[tuple[str, str, str]]] = {}
+
+    def train_lengths(self):
+        return self.sources["train"].lengths_s
+
+    def make_optimizer(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
+
+    def make_batch(self, indices, device, split="train"):
+        got = self.sources[split].batch(indices, device)
+        if got is None:
+            return None
+        feats, lens, kept = got
+        tg = [self.targets[split][self.sources[split].utts[i].utt_id] for i in kept]
+        return {"feats": feats, "lens": lens, "targets": torch.tensor([c for t in tg for c in t], dtype=torch.long),
+                "target_lens": torch.tensor([len(t) for t in tg], dtype=torch.long), "indices": kept}
+
+    def loss(self, batch):
+        logits, lens = self.model(batch["feats"], batch["lens"])
+        logp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+        loss = F.ctc_loss(logp, batch["targets"], lens.to(logp.device), batch["target_lens"], blank=0,
+                          reduction="mean", zero_infinity=True)
+        return loss, len(batch["indices"])
+
+    def evaluate(self, split, device):
+        src = self.sources[split]
+        order = sorted(range(len(src)), key=lambda i: src.lengths_s[i])
+        refs, hyps, preds = [], [], []
+        for b in range(0, len(order), self.eval_batch_size):
+            batch = self.make_batch(order[b:b + self.eval_batch_size], device, split)
+            if batch is None:
+                continue
+            logits, lens = self.model(batch["feats"], batch["lens"])
+            for i, ids in zip(batch["indices"], greedy_decode(logits.float(), lens, 0)):
+                u = src.utts[i]
+                ref = " ".join(PHONES[k] for k in self.targets[split][u.utt_id])
+                hyp = " ".join(PHONES[k] for k in ids)
+                refs.append(ref)
+                hyps.append(hyp)
+                preds.append((u.utt_id, ref, hyp))
+        self.last_predictions[split] = preds
+        return {"per": wer(refs, hyps)}  # word error rate over phone tokens = PER
+
+
+def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> TaskMetrics:
+    from qspeech.train import torch_threads
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with torch_threads(cfg.train.num_threads):
+        return _run(cfg, upstream, run_dir, upstream_key, progress, on_step)
+
+
+def _run(cfg, upstream, run_dir, upstream_key, progress, on_step) -> TaskMetrics:
+    import qspeech.data as data
+    from qspeech import feature_cache
+    from qspeech.atomic import torch_save_atomic, write_text_atomic
+    from qspeech.seeding import seed_everything
+    from qspeech.tasks.asr import _run_key
+    from qspeech.train import autocast_ctx, fit, resolve_device
+
+    tcfg, trcfg = cfg.task, cfg.train
+    cache_dir = Path(str(cfg.cache_dir))
+    splits = ("train", "dev", "test")
+    if tcfg.labels == "espeak" and cfg.data.kind != "mini":
+        raise ConfigError(f"task.labels=espeak needs the synthesized corpus (data=mini), not data={cfg.data.name}; "
+                          "use task.labels=lexicon")
+    utts = {s: list(data.load_split(cfg.data, s, cache_dir)) for s in splits}
+    lexicon = read_lexicon(_lexicon_files(tcfg)) if tcfg.labels == "lexicon" else None
+    targets = {s: dict(zip([u.utt_id for u in utts[s]], phone_targets(tcfg, utts[s], lexicon))) for s in splits}
+    data_fps = {s: data.config_fingerprint(cfg.data, s) for s in splits}
+
+    device = resolve_device(trcfg)
+    orig_device = next(iter(upstream.parameters()), torch.empty(0)).device
+    upstream.eval().requires_grad_(False).to(device)
+    est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in utts[s])) for s in splits)
+    use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
+    sources, statuses, up_rates = {}, [], []
+    try:
+        for s in splits:  # the same feature cache as asr on the same data (one upstream pass for both tasks)
+            if use_cache:
+                store, st = feature_cache.load_or_build(
+                    upstream, upstream_key, data_fps[s], utts[s], data.read_audio, cache_dir, device=device,
+                    batch_s=trcfg.feature_batch_s, progress=progress, desc=f"upstream {s}")
+                statuses.append(st)
+                if store.meta.get("upstream_utts_per_s"):
+                    up_rates.append((len(store), len(store) / store.meta["upstream_utts_per_s"]))
+                sources[s] = CachedSource(store, utts[s])
+            else:
+                sources[s] = LiveSource(upstream, utts[s], data.read_audio, device)
+            if len(sources[s]) == 0:
+                raise DataError(f"no readable audio in the {s} split")
+        seed_everything(int(cfg.seed))
+        model = PRHead(upstream.num_hidden, upstream.hidden_size, tcfg)
+        task = PRTask(model, sources, targets, tcfg.lr, trcfg.eval_batch_size)
+        state_dir = Path(trcfg.ckpt_dir) if trcfg.ckpt_dir else cache_dir / "runs" / _run_key(cfg, upstream_key,
+                                                                                                data_fps)
+        res = fit(task, trcfg, seed=int(cfg.seed), state_dir=state_dir, run_dir=run_dir, progress=progress,
+                  on_step=on_step, desc=f"pr {tcfg.name}")
+        with torch.no_grad(), autocast_ctx(trcfg, device):
+            test = task.evaluate("test", device)
+        if not np.isfinite(test["per"]):
+            raise TrainingError("test PER is not finite: the test split has no scorable utterances")
+    finally:
+        upstream.to(orig_device)
+
+    write_text_atomic(run_dir / "test_predictions.tsv", "utt_id\tref\thyp\n" + "".join(
+        "\t".join(row) + "\n" for row in task.last_predictions.get("test", [])))
+    torch_save_atomic({"model": model.state_dict(), "phones": list(PHONES), "task": dataclasses.asdict(tcfg),
+                       "best_step": res.best_step}, run_dir / "downstream.pt")
+    m = _metrics({"wer": test["per"], "cer": float("nan")}, res, model, sources,
+                 (statuses, up_rates) if use_cache else None, device)
+    return dataclasses.replace(m, metric="per", value=float(test["per"]), higher_is_better=False, dev_wer=None,
+                               cer=None, dev_cer=None, dev_per=float(res.best.get("per", float("nan"))))
+
+
+TASK = Task("pr", PRConfig, run_task)
