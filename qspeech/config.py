@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, open_dict
@@ -36,7 +36,7 @@ from qspeech.train import TrainConfig
 from qspeech.upstream.config import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "quant", "task", "data", "train", "experiment")
+GROUPS = ("model", "quant", "task", "data", "train", "eval_data", "experiment")
 BITS = (1, 2, 3, 4, 8, 16, 32)
 
 __all__ = ["BITS", "CONF_DIR", "GROUPS", "BenchConfig", "CostConfig", "RunConfig", "group_options", "output_dir",
@@ -89,6 +89,8 @@ class RunConfig:
     data: DataConfig = MISSING
     train: TrainConfig = MISSING
     task: TaskConfig = MISSING
+    # A second test set scored by the trained head after the run (conf/eval_data/); None = none.
+    eval_data: Optional[DataConfig] = None
     # Weight bits of the quantized modules (32 = full precision, no quantization).
     bits: int = 32
     seed: int = 0

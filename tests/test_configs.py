@@ -21,7 +21,7 @@ from qspeech.train import TrainConfig
 from qspeech.upstream.config import ModelConfig
 
 GROUP_TYPES = {"model": ModelConfig, "quant": QuantConfig, "task": TaskConfig, "data": DataConfig,
-               "train": TrainConfig}
+               "train": TrainConfig, "eval_data": DataConfig}
 
 
 def _compose(overrides, name="config"):
