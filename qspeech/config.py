@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, open_dict
@@ -48,7 +48,7 @@ def _conf_dir() -> Path:
 
 
 CONF_DIR = _conf_dir()
-GROUPS = ("model", "quant", "task", "data", "train", "experiment", "logger", "hparams_search")
+GROUPS = ("model", "quant", "task", "data", "train", "eval_data", "experiment", "logger", "hparams_search")
 BITS = (1, 2, 3, 4, 8, 16, 32)
 # What a sweeper may optimise (optimized_metric): a dev score, or the accounting of result.json. Never a test
 # score: the test set is reported once, for the configuration the dev set chose.
@@ -104,6 +104,8 @@ class RunConfig:
     data: DataConfig = MISSING
     train: TrainConfig = MISSING
     task: TaskConfig = MISSING
+    # A second test set scored by the trained head after the run (conf/eval_data/); None = none.
+    eval_data: Optional[DataConfig] = None
     # Weight bits of the quantized modules (32 = full precision, no quantization).
     bits: int = 32
     seed: int = 0

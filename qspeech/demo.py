@@ -1,10 +1,11 @@
 """`qspeech demo` / `make demo`: the paper's study in miniature on the offline default.
 
-tiny_hubert at 32/8/4/2/1 bits with rtn and with BiT-style QAT, its random-initialised twin,
-tiny_distilhubert and FBANK (log-mel features, no upstream: what pretraining adds), all on the ASR task of the synthesized corpus; then the report. Jobs run as separate
-`qspeech run` processes (two at a time, one thread each: on two cores that beats one job with two
-threads). Rerunning reuses everything: each experiment's folder, trained head, features and QAT cache.
-"""
+tiny_hubert at 32/8/4/2/1 bits with rtn and with BiT-style QAT, its random-initialised twin, tiny_distilhubert
+and FBANK (log-mel features, no upstream: what pretraining adds), all on the ASR task of the synthesized
+corpus, each also scored on real human speech when ../shared/data/real-speech is present; then the report.
+`--seeds 3` adds seeds 1 and 2 of the full-precision, rtn 2-bit and QAT 2/1-bit rows (mean +- std).
+Jobs run as separate `qspeech run` processes (two at a time, one thread each: on two cores that beats one job
+with two threads). Rerunning reuses everything: each experiment's folder, trained head, features, QAT cache."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from pathlib import Path
 from qspeech.errors import QSpeechError
 
 COMMON = ["experiment=demo"]
+# The rows whose spread over seeds the study reports (`--seeds N`: seeds 1..N-1 are added to seed 0).
+SEEDED = ("tiny_hubert full precision", "tiny_hubert rtn 2-bit", "tiny_hubert bit (QAT) 2-bit",
+          "tiny_hubert bit (QAT) 1-bit")
 STUDY: list[tuple[str, list[str]]] = [
     ("tiny_hubert full precision", ["bits=32"]),
     *[(f"tiny_hubert rtn {b}-bit", ["quant=rtn", f"bits={b}"]) for b in (8, 4, 2, 1)],
@@ -27,6 +31,25 @@ STUDY: list[tuple[str, list[str]]] = [
     ("tiny_distilhubert full precision", ["model=tiny_distilhubert", "bits=32"]),
     ("fbank (no upstream)", ["model=fbank", "bits=32"]),
 ]
+
+
+def real_speech_available() -> bool:
+    """Whether conf/eval_data/real_speech's test set (../shared/data/real-speech, not shipped) is on disk."""
+    from omegaconf import OmegaConf
+
+    from qspeech.config import CONF_DIR
+    from qspeech.data.config import resolve_path
+
+    test = OmegaConf.load(CONF_DIR / "data" / "real_speech.yaml").splits.test
+    return all(resolve_path(t).is_file() for t in ([test] if isinstance(test, str) else test))
+
+
+def jobs(seeds: int, real_speech: bool) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of every run: the study, the extra seeds of the SEEDED rows, and every run also
+    scored on real human speech when it is available (`eval_data=real_speech`, never trained on)."""
+    out = list(STUDY) + [(f"{label} seed {k}", [*ov, f"seed={k}"]) for label, ov in STUDY if label in SEEDED
+                         for k in range(1, seeds)]
+    return [(label, [*ov, "eval_data=real_speech"] if real_speech else ov) for label, ov in out]
 
 
 def _run_job(label: str, overrides: list[str], log_dir: Path, threads: int) -> tuple[str, int, float, Path]:
@@ -48,7 +71,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--jobs", type=int, default=2, help="experiments run at once (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per experiment (default 1)")
     p.add_argument("--outputs", default="outputs", help="where runs and the report go (default outputs)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help=f"seeds of the rows {', '.join(SEEDED)} (default 1; 3 gives the README's mean +- std)")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        raise QSpeechError(f"--seeds {args.seeds}: must be at least 1")
 
     from qspeech.report import make_report
     from qspeech.upstream.checkpoints import ASSET_DIR
@@ -60,10 +87,13 @@ def main(argv: list[str]) -> None:
     log_dir = Path(args.outputs) / "demo-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"qspeech demo: {len(STUDY)} experiments, {args.jobs} at a time; logs in {log_dir}/", flush=True)
+    real = real_speech_available()
+    todo = jobs(args.seeds, real)
+    print(f"qspeech demo: {len(todo)} experiments, {args.jobs} at a time; logs in {log_dir}/"
+          + ("" if real else "; ../shared/data/real-speech not found: no real-speech column"), flush=True)
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(_run_job, label, ov, log_dir, args.threads) for label, ov in STUDY]
+        futures = [pool.submit(_run_job, label, ov, log_dir, args.threads) for label, ov in todo]
         for fut in as_completed(futures):
             label, rc, secs, log = fut.result()
             status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {log})"

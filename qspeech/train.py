@@ -31,7 +31,7 @@ class TrainConfig:
     name: str = "cpu"
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 autocast on CUDA, none on CPU) | bf16 | off
-    max_steps: int = 1000
+    max_steps: int = 1500
     batch_size: int = 16
     # Batches whose longest utterance is longer than this (seconds) are split in two (s3prl's
     # HALF_BATCHSIZE_TIME). null: never.
@@ -39,7 +39,7 @@ class TrainConfig:
     # Length bucketing: each epoch is shuffled, cut into windows of this many batches, sorted by length
     # within a window, batched, and the batch order shuffled again.
     bucket_window: int = 50
-    eval_every: int = 200
+    eval_every: int = 300
     save_every: int | None = None  # checkpoint interval in steps; null: eval_every
     log_every: int = 25
     grad_clip: float | None = 1.0  # max global grad norm; 0 or null: no clipping

@@ -172,3 +172,33 @@ def test_run_without_cache_runs_upstream_and_skips_unreadable(tmp_path, monkeypa
     assert m["feature_cache"] == "off" and m["steps"] == 3 and m["upstream_utts_per_s"] > 0
     assert m["skipped_audio"] == 1 and m["n_train"] == 3 and "train_1.wav" in caplog.text
     assert not (tmp_path / "cache" / "features").exists()
+
+
+def test_bilstm_on_padded_batches_equals_packed_nn_lstm():
+    """rnn.BiLSTM (padded input, backward direction on per-sequence reversed frames) computes what a
+    bidirectional nn.LSTM computes on packed sequences: outputs and input gradients, padding zero."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from qspeech.tasks.rnn import BiLSTM, reverse_index
+
+    assert reverse_index(torch.tensor([3, 1]), 4).tolist() == [[2, 1, 0, 3], [0, 1, 2, 3]]
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(5, 4, batch_first=True, bidirectional=True)
+    ours = BiLSTM(5, 4)
+    with torch.no_grad():
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ours.fwd, f"{n}_l0").copy_(getattr(ref, f"{n}_l0"))
+            getattr(ours.bwd, f"{n}_l0").copy_(getattr(ref, f"{n}_l0_reverse"))
+    lens = torch.tensor([7, 3, 5, 1])
+    x = torch.randn(4, 7, 5)
+    x[1, 3:] = 100.0  # padding must not leak into any valid output
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, _ = pad_packed_sequence(ref(pack_padded_sequence(xa, lens, batch_first=True, enforce_sorted=False))[0],
+                                  batch_first=True, total_length=7)
+    got = ours(xb, lens)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got[1, 3:].abs().max() == 0
+    w = torch.randn_like(want)
+    (want * w).sum().backward()
+    (got * w).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)

@@ -22,7 +22,7 @@ from qspeech.train import TrainConfig
 from qspeech.upstream.config import ModelConfig
 
 GROUP_TYPES = {"model": ModelConfig, "quant": QuantConfig, "task": TaskConfig, "data": DataConfig,
-               "train": TrainConfig, "logger": LoggerConfig}
+               "train": TrainConfig, "logger": LoggerConfig, "eval_data": DataConfig}
 
 
 def _compose(overrides, name="config"):
@@ -144,7 +144,7 @@ def test_every_key_is_typed(name, overrides):
 @pytest.mark.parametrize("override,needle", [
     ("seed=abc", "seed=abc: must be an integer"),
     ("train.max_steps=-1", "train.max_steps=-1: must be an integer >= 1"),
-    ("train.warmup_steps=1000", "train.warmup_steps=1000"),
+    ("train.warmup_steps=1500", "train.warmup_steps=1500"),
     ("train.batch_size=2.5", "train.batch_size=2.5: must be an integer"),
     ("data.mini.rate=[500,600]", "data.mini.rate=[500.0,600.0]"),
     ("task.dropout=1.5", "task.dropout=1.5"),

@@ -113,3 +113,28 @@ def test_failed_rerun_keeps_the_earlier_result(tmp_path):
     assert _result_path(tmp_path, "failed").name == "result.last_failure.json"
     assert _result_path(tmp_path, "ok").name == "result.json"
     assert _result_path(tmp_path / "new", "failed").name == "result.json"
+
+
+def test_eval_data_scores_the_trained_head_on_a_second_test_set(tmp_path):
+    """eval_data=<data config>: after training, the head is also scored on that data set's test split
+    (here a manifest of three 16 kHz and 8 kHz clips written by the test), with its own predictions file."""
+    import numpy as np
+    import soundfile as sf
+
+    rows = ["utt_id\taudio\ttext"]
+    for i, (sr, text) in enumerate([(16000, "Hello there."), (8000, "one, two"), (16000, "Yes!")]):
+        t = np.arange(int(1.2 * sr)) / sr
+        sf.write(tmp_path / f"c{i}.wav", (0.1 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype("float32"), sr)
+        rows.append(f"c{i}\tc{i}.wav\t{text}")
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    proc = run_cli("run", *SMOKE, "eval_data=real_speech", f"eval_data.splits.test={tmp_path / 'm.tsv'}",
+                   "eval_data.splits.dev=null", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [res] = _results(tmp_path)
+    ev = res["metrics"]["eval"]
+    assert ev["data"] == "real_speech" and ev["split"] == "test" and ev["n"] == 3
+    assert 0 <= ev["cer"] and 0 <= ev["wer"]
+    [pred] = list((tmp_path / "outputs").rglob("eval_real_speech_predictions.tsv"))
+    lines = pred.read_text().splitlines()
+    assert lines[0] == "utt_id\tref\thyp"
+    assert sorted(x.split("\t")[1] for x in lines[1:]) == ["HELLO THERE", "ONE TWO", "YES"]

@@ -25,7 +25,7 @@ def _per_split(value=None) -> dict:
 class MiniConfig:
     """The synthesized (eSpeak NG) LibriSpeech-layout corpus. Counts are utterances / voices per split."""
 
-    n_train: int = 800
+    n_train: int = 2000
     n_dev: int = 100
     n_test: int = 200
     n_unlabeled: int = 3000

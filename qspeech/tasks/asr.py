@@ -4,7 +4,8 @@
 Reference: s3prl 0.4.18 `s3prl/problem/asr/superb_asr.py` (featurizer normalize=False, LSTM 2x1024
 bidirectional with dropout 0.2 after each layer, Linear projection 1024 in front, SpecAugment with
 time warp 5, 4 frequency masks of width <= 50, 2 time masks of width <= 40, Adam 1e-4, grad clip 1,
-200k steps, eval every 2k) and `s3prl/downstream/asr/model.py` (RNNLayer: pack -> LSTM -> dropout).
+200k steps, eval every 2k) and `s3prl/downstream/asr/model.py` (RNNLayer: pack -> LSTM -> dropout; here
+qspeech.tasks.rnn's BiLSTM, the same function on padded batches, faster on CPU).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from qspeech.checks import choice, integer, need, number
 from qspeech.errors import ConfigError, DataError
 from qspeech.tasks.config import Task, TaskConfig
 from qspeech.tasks.ctc import greedy_decode
 from qspeech.tasks.metrics import TaskMetrics
+from qspeech.tasks.rnn import LSTM, BiLSTM
 from qspeech.tasks.metrics import cer as cer_fn
 from qspeech.tasks.metrics import wer as wer_fn
 from qspeech.tasks.vocab import CharVocab
@@ -170,11 +171,9 @@ class ASRHead(nn.Module):
         self.stride = cfg.frame_stride
         self.proj = nn.Linear(hidden_dim * cfg.frame_stride, cfg.project_dim)
         dirs = 2 if cfg.bidirectional else 1
-        self.rnns = nn.ModuleList(
-            nn.LSTM(cfg.project_dim if i == 0 else cfg.hidden_size * dirs, cfg.hidden_size, batch_first=True,
-                    bidirectional=cfg.bidirectional)
-            for i in range(cfg.num_layers)
-        )
+        layer = BiLSTM if cfg.bidirectional else LSTM
+        self.rnns = nn.ModuleList(layer(cfg.project_dim if i == 0 else cfg.hidden_size * dirs, cfg.hidden_size)
+                                  for i in range(cfg.num_layers))
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_size * dirs, vocab_size)
 
@@ -188,13 +187,9 @@ class ASRHead(nn.Module):
             x = x[:, : T * self.stride].reshape(B, T, D * self.stride)
             lens = torch.div(lens, self.stride, rounding_mode="floor")
         x = self.proj(x)
-        total = x.shape[1]
-        cpu_lens = lens.cpu().clamp(min=1)
+        lens_ = lens.clamp(min=1)
         for rnn in self.rnns:
-            packed = pack_padded_sequence(x, cpu_lens, batch_first=True, enforce_sorted=False)
-            y, _ = rnn(packed)
-            x, _ = pad_packed_sequence(y, batch_first=True, total_length=total)
-            x = self.dropout(x)
+            x = self.dropout(rnn(x, lens_))
         return self.out(x), lens
 
 
@@ -313,8 +308,9 @@ def data_api():
 def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
              if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
+    # head 2: the resumable state holds rnn.BiLSTM's fwd/bwd parameters (1: nn.LSTM's); never resume across
     blob = json.dumps({"upstream": upstream_key, "task": dataclasses.asdict(cfg.task), "train": train,
-                       "data": data_fps, "seed": cfg.seed}, sort_keys=True, default=str)
+                       "data": data_fps, "seed": cfg.seed, "head": 2}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -345,19 +341,25 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
         if not utts[s]:
             raise DataError(f"the {s} split of data={cfg.data.name} is empty")
     data_fps = {s: data.config_fingerprint(cfg.data, s) for s in splits}
+    eval_data = getattr(cfg, "eval_data", None)
+    if eval_data is not None:  # a second test set, scored after training; never selects anything
+        utts["eval"] = list(data.load_split(eval_data, "test", cache_dir))
+        if not utts["eval"]:
+            raise DataError(f"the test split of eval_data={eval_data.name} is empty")
+        data_fps["eval"] = data.config_fingerprint(eval_data, "test")
 
     device = resolve_device(trcfg)
     orig_device = next(iter(upstream.parameters()), torch.empty(0)).device  # FBANK has no parameters
     upstream.eval().requires_grad_(False).to(device)
 
-    est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in utts[s])) for s in splits)
+    est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in us)) for us in utts.values())
     use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
     if trcfg.cache_features == "auto" and not use_cache:
         log.warning("feature cache off: ~%.1f GB of features exceeds train.cache_max_gb=%s", est / 1e9,
                     trcfg.cache_max_gb)
     sources, statuses, up_rates = {}, [], []
     try:
-        for s in splits:
+        for s in utts:
             if use_cache:
                 store, st = feature_cache.load_or_build(
                     upstream, upstream_key, data_fps[s], utts[s], data.read_audio, cache_dir, device=device,
@@ -380,17 +382,25 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
                   on_step=on_step, desc=f"asr {tcfg.name}")
         with torch.no_grad(), autocast_ctx(trcfg, device):
             test = task.evaluate("test", device)
+            other = task.evaluate("eval", device) if "eval" in sources else None
         if not np.isfinite(test["wer"]):
             raise TrainingError("test WER is not finite: the test split has no scorable transcripts")
     finally:
         upstream.to(orig_device)
 
-    write_text_atomic(run_dir / "test_predictions.tsv", "utt_id\tref\thyp\n" + "".join(
-        "\t".join(row) + "\n" for row in task.last_predictions.get("test", [])))
+    files = {"test": "test_predictions.tsv", "eval": f"eval_{getattr(eval_data, 'name', '')}_predictions.tsv"}
+    for split, preds in task.last_predictions.items():
+        if split in files:
+            write_text_atomic(run_dir / files[split], "utt_id\tref\thyp\n" + "".join(
+                "\t".join(row) + "\n" for row in preds))
     torch_save_atomic({"model": model.state_dict(), "vocab": task.vocab.symbols, "task": dataclasses.asdict(tcfg),
                        "best_step": res.best_step}, run_dir / "downstream.pt")
 
-    return _metrics(test, res, model, sources, (statuses, up_rates) if use_cache else None, device)
+    metrics = _metrics(test, res, model, sources, (statuses, up_rates) if use_cache else None, device)
+    if other is not None:
+        metrics.eval = {"data": eval_data.name, "split": "test", "n": len(sources["eval"]),
+                        "wer": round(float(other["wer"]), 4), "cer": round(float(other["cer"]), 4)}
+    return metrics
 
 
 def _metrics(test: dict, res, model: ASRHead, sources: dict, cache: tuple[list, list] | None, device) -> TaskMetrics:
@@ -401,7 +411,7 @@ def _metrics(test: dict, res, model: ASRHead, sources: dict, cache: tuple[list, 
     else:
         n, secs = sum(x.upstream_utts for x in sources.values()), sum(x.upstream_s for x in sources.values())
     up_rate = n / secs if secs else None
-    skipped = sorted({p for src in sources.values() for p in src.skipped})
+    skipped = sorted({p for s_, src in sources.items() if s_ != "eval" for p in src.skipped})
     n_used = {s: len(src) - (len(src.skipped) if isinstance(src, LiveSource) else 0) for s, src in sources.items()}
     return TaskMetrics(
         metric="wer",

@@ -60,6 +60,8 @@ class TaskMetrics(Record):
     n_dev: int | None = None
     n_test: int | None = None
     skipped_audio: int | None = None
+    # the head scored on a second data set (`eval_data=...`): {data, split, n, wer, cer}
+    eval: dict | None = optional()
     feature_cache: str | None = None  # hit | miss | off
     resumed_from_step: int | None = None
     device: str | None = None
