@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 S3PRL   ?= s3prl==0.4.18
 
-.PHONY: install test test-all demo report assets bench clean-outputs
+.PHONY: install test test-all demo report assets bench superb clean-outputs
 
 $(BIN)/qspeech: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test-all: install
 
 demo: install
 	$(BIN)/qspeech demo
+
+# The four offline SUPERB tasks (ks/sid/ic/pr _small) at 32 bits for the three upstreams, then 2 and 1 bit.
+superb: install
+	$(BIN)/qspeech run -m experiment=superb_small bits=32 model=tiny_hubert,tiny_distilhubert,fbank
+	$(BIN)/qspeech run -m experiment=superb_small quant=rtn,bit bits=2,1
+	$(BIN)/qspeech report
 
 report: install
 	$(BIN)/qspeech report

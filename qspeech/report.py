@@ -20,7 +20,7 @@ VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits
 KEY = ["model", "init", "quant", "bits", "task", "data"]
 COLUMNS = KEY + [
     "overrides", "seeds", "n", "flags", "source", "status", "metric", "value", "value_std", "rise_pct",
-    "dev_value", "cer", "cer_std", "storage_mb", "packed_mb", "est_runtime", "measured_speedup",
+    "dev_value", "cer", "cer_std", "eval_data", "eval_value", "eval_cer", "skipped_audio", "storage_mb", "packed_mb", "est_runtime", "measured_speedup",
     "measured_vs_ort", "params", "quantized_params", "macs", "runtime_vs_teacher", "storage_vs_distil",
     "runtime_vs_distil", "metric_vs_distil", "error", "run_dir",
 ]
@@ -104,6 +104,11 @@ def _row(r: RunResult) -> dict:
         "value": r.value,
         "dev_value": m and m.dev_value,
         "cer": m and m.cer,
+        # the head scored on a second data set (eval_data=...), in the task's metric
+        "eval_data": ((m and m.eval) or {}).get("data"),
+        "eval_value": ((m and m.eval) or {}).get(r.metric),
+        "eval_cer": ((m and m.eval) or {}).get("cer"),
+        "skipped_audio": (m and m.skipped_audio) or None,  # shown only where some audio was unreadable
         "storage_mb": r.storage_mb,
         "packed_mb": r.packed_mb,
         "est_runtime": r.est_runtime,
@@ -162,7 +167,7 @@ def _aggregate(members: list[dict]) -> dict:
     out["run_dir"] = ";".join(str(r["run_dir"]) for r in members)
     for col in ("value", "cer"):
         out[col], out[f"{col}_std"] = _mean_std([r[col] for r in members])
-    for col in ("dev_value", "storage_mb", "packed_mb", "est_runtime"):
+    for col in ("dev_value", "eval_value", "eval_cer", "storage_mb", "packed_mb", "est_runtime"):
         out[col] = _mean_std([r[col] for r in members])[0]
     return out
 
@@ -321,7 +326,7 @@ def _cell(row, col: str) -> str:
 
 
 SHOW = ["model", "init", "quant", "bits", "task", "data", "overrides", "seeds", "flags", "status", "metric", "value",
-        "rise_pct", "cer", "storage_mb", "packed_mb", "est_runtime", "runtime_vs_teacher", "measured_speedup",
+        "rise_pct", "cer", "eval_data", "eval_value", "eval_cer", "skipped_audio", "storage_mb", "packed_mb", "est_runtime", "runtime_vs_teacher", "measured_speedup",
         "measured_vs_ort", "storage_vs_distil", "runtime_vs_distil", "metric_vs_distil"]
 ALWAYS = {"model", "quant", "bits", "task", "data", "status", "metric", "value"}
 

@@ -193,4 +193,6 @@ def _result_path(run_dir: Path, status: str) -> Path:
 def _export(cfg: RunConfig, upstream, run_dir: Path) -> Path:
     from qspeech.export import export_packed
 
-    return export_packed(upstream, cfg.quant, int(cfg.bits), run_dir / "upstream.packed.safetensors")
+    # The compact packed file only: the s3prl-format copy is full size (~380 MB for HuBERT Base), too much for
+    # every job of a sweep; `qspeech export` with the same overrides writes it.
+    return export_packed(upstream, cfg.quant, int(cfg.bits), run_dir / "upstream.packed.safetensors", s3prl=False)

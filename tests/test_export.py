@@ -188,7 +188,6 @@ def _s3prl_class_hidden(path, arch, wav, normalize=False):
 S3PRL_CASES = [
     ("tiny_hubert", "pretrained", "rtn", 2, {"targets": ["linear", "cnn"]}),  # configs from the packaged asset
     ("tiny_hubert", "random", "rtn", 4, {"targets": ["all"], "symmetric": True}),  # pos_conv: weight norm rebuilt
-    ("tiny_hubert", "random", "kmeans", 2, {"iters": 5}),
     ("tiny_distilhubert", "random", "bit", 1, {}),
 ]
 

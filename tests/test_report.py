@@ -247,3 +247,21 @@ def test_report_refuses_a_missing_outputs_folder(tmp_path):
     proc = run_cli("report", "--outputs", str(tmp_path / "nope"), cwd=tmp_path)
     assert proc.returncode == 2 and not (tmp_path / "nope").exists()
     assert proc.stderr.strip().count("\n") == 0 and "nope: no such folder" in proc.stderr
+
+
+def test_second_test_set_and_skipped_audio_columns(tmp_path):
+    """metrics.eval (eval_data=...) becomes the eval_* columns, averaged over seeds; skipped audio is shown
+    only where some was skipped."""
+    out = tmp_path / "outputs"
+    for seed, ev in enumerate([120.0, 124.0]):
+        _run(out, f"fp_s{seed}", 32, 50.0 + seed, cer=17.0, seed=seed, eval_data={"name": "real_speech"})
+        res = json.loads((out / "run" / f"fp_s{seed}" / "result.json").read_text())
+        res["metrics"].update(eval={"data": "real_speech", "split": "test", "n": 100, "wer": ev, "cer": 70.0 + seed},
+                              skipped_audio=seed)
+        write_json_atomic(out / "run" / f"fp_s{seed}" / "result.json", res)
+    rep = make_report(out)
+    [row] = _ours(rep).to_dict("records")
+    assert row["n"] == 2 and row["eval_data"] == "real_speech"
+    assert row["eval_value"] == 122.0 and row["eval_cer"] == 70.5
+    md = rep["markdown"].read_text()
+    assert "eval_value" in md and "skipped_audio" in md
