@@ -314,6 +314,35 @@ def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def feature_sources(upstream, upstream_key: str, utts: dict, data_fps: dict, read_audio, cache_dir: Path, trcfg,
+                    device, progress: bool) -> tuple[dict, tuple[list, list] | None]:
+    """Each split's frame features: CachedSource over the feature cache when it fits train.cache_max_gb (or
+    train.cache_features=true), else LiveSource running the upstream. Returns the sources and, when cached,
+    (each split's cache status, its (utterances, upstream seconds)) for _metrics; None when live."""
+    from qspeech import feature_cache
+
+    est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in us)) for us in utts.values())
+    use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
+    if trcfg.cache_features == "auto" and not use_cache:
+        log.warning("feature cache off: ~%.1f GB of features exceeds train.cache_max_gb=%s", est / 1e9,
+                    trcfg.cache_max_gb)
+    sources, statuses, up_rates = {}, [], []
+    for s in utts:
+        if use_cache:
+            store, st = feature_cache.load_or_build(
+                upstream, upstream_key, data_fps[s], utts[s], read_audio, cache_dir, device=device,
+                batch_s=trcfg.feature_batch_s, progress=progress, desc=f"upstream {s}")
+            statuses.append(st)
+            if store.meta.get("upstream_utts_per_s"):
+                up_rates.append((len(store), len(store) / store.meta["upstream_utts_per_s"]))
+            sources[s] = CachedSource(store, utts[s])
+        else:
+            sources[s] = LiveSource(upstream, utts[s], read_audio, device)
+        if len(sources[s]) == 0:
+            raise DataError(f"no readable audio in the {s} split")
+    return sources, ((statuses, up_rates) if use_cache else None)
+
+
 def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> TaskMetrics:
     """Train the ASR head on the frozen upstream's features, select on dev WER, report test WER.
     cfg: the typed run config (its task, train, data, seed and cache_dir; see qspeech.tasks.run_task)."""
@@ -327,7 +356,6 @@ def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = T
 
 
 def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -> TaskMetrics:
-    from qspeech import feature_cache
     from qspeech.atomic import torch_save_atomic, write_text_atomic
     from qspeech.errors import TrainingError
     from qspeech.seeding import seed_everything
@@ -352,27 +380,9 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
     orig_device = next(iter(upstream.parameters()), torch.empty(0)).device  # FBANK has no parameters
     upstream.eval().requires_grad_(False).to(device)
 
-    est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in us)) for us in utts.values())
-    use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
-    if trcfg.cache_features == "auto" and not use_cache:
-        log.warning("feature cache off: ~%.1f GB of features exceeds train.cache_max_gb=%s", est / 1e9,
-                    trcfg.cache_max_gb)
-    sources, statuses, up_rates = {}, [], []
     try:
-        for s in utts:
-            if use_cache:
-                store, st = feature_cache.load_or_build(
-                    upstream, upstream_key, data_fps[s], utts[s], data.read_audio, cache_dir, device=device,
-                    batch_s=trcfg.feature_batch_s, progress=progress, desc=f"upstream {s}")
-                statuses.append(st)
-                if store.meta.get("upstream_utts_per_s"):
-                    up_rates.append((len(store), len(store) / store.meta["upstream_utts_per_s"]))
-                sources[s] = CachedSource(store, utts[s])
-            else:
-                sources[s] = LiveSource(upstream, utts[s], data.read_audio, device)
-            if len(sources[s]) == 0:
-                raise DataError(f"no readable audio in the {s} split")
-
+        sources, cache = feature_sources(upstream, upstream_key, utts, data_fps, data.read_audio, cache_dir, trcfg,
+                                         device, progress)
         seed_everything(int(cfg.seed))
         model = ASRHead(upstream.num_hidden, upstream.hidden_size, len(CharVocab()), tcfg)
         task = ASRTask(model, sources, tcfg, trcfg.eval_batch_size)
@@ -396,7 +406,7 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
     torch_save_atomic({"model": model.state_dict(), "vocab": task.vocab.symbols, "task": dataclasses.asdict(tcfg),
                        "best_step": res.best_step}, run_dir / "downstream.pt")
 
-    metrics = _metrics(test, res, model, sources, (statuses, up_rates) if use_cache else None, device)
+    metrics = _metrics(test, res, model, sources, cache, device)
     if other is not None:
         metrics.eval = {"data": eval_data.name, "split": "test", "n": len(sources["eval"]),
                         "wer": round(float(other["wer"]), 4), "cer": round(float(other["cer"]), 4)}

@@ -25,7 +25,7 @@ from torch import nn
 from qspeech.checks import choice, integer, need, number
 from qspeech.data.phonemes import CMU_PHONES, phonemize, strip_stress
 from qspeech.errors import ConfigError, DataError, TrainingError
-from qspeech.tasks.asr import CachedSource, Featurizer, LiveSource, _metrics
+from qspeech.tasks.asr import Featurizer, _metrics, feature_sources
 from qspeech.tasks.config import Task, TaskConfig
 from qspeech.tasks.ctc import greedy_decode
 from qspeech.tasks.metrics import TaskMetrics, wer
@@ -204,7 +204,6 @@ def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = T
 
 def _run(cfg, upstream, run_dir, upstream_key, progress, on_step) -> TaskMetrics:
     import qspeech.data as data
-    from qspeech import feature_cache
     from qspeech.atomic import torch_save_atomic, write_text_atomic
     from qspeech.seeding import seed_everything
     from qspeech.tasks.asr import _run_key
@@ -224,23 +223,9 @@ def _run(cfg, upstream, run_dir, upstream_key, progress, on_step) -> TaskMetrics
     device = resolve_device(trcfg)
     orig_device = next(iter(upstream.parameters()), torch.empty(0)).device
     upstream.eval().requires_grad_(False).to(device)
-    est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in utts[s])) for s in splits)
-    use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
-    sources, statuses, up_rates = {}, [], []
-    try:
-        for s in splits:  # the same feature cache as asr on the same data (one upstream pass for both tasks)
-            if use_cache:
-                store, st = feature_cache.load_or_build(
-                    upstream, upstream_key, data_fps[s], utts[s], data.read_audio, cache_dir, device=device,
-                    batch_s=trcfg.feature_batch_s, progress=progress, desc=f"upstream {s}")
-                statuses.append(st)
-                if store.meta.get("upstream_utts_per_s"):
-                    up_rates.append((len(store), len(store) / store.meta["upstream_utts_per_s"]))
-                sources[s] = CachedSource(store, utts[s])
-            else:
-                sources[s] = LiveSource(upstream, utts[s], data.read_audio, device)
-            if len(sources[s]) == 0:
-                raise DataError(f"no readable audio in the {s} split")
+    try:  # the same feature cache as asr on the same data (one upstream pass for both tasks)
+        sources, cache = feature_sources(upstream, upstream_key, utts, data_fps, data.read_audio, cache_dir, trcfg,
+                                         device, progress)
         seed_everything(int(cfg.seed))
         model = PRHead(upstream.num_hidden, upstream.hidden_size, tcfg)
         task = PRTask(model, sources, targets, tcfg.lr, trcfg.eval_batch_size)
@@ -260,7 +245,7 @@ def _run(cfg, upstream, run_dir, upstream_key, progress, on_step) -> TaskMetrics
     torch_save_atomic({"model": model.state_dict(), "phones": list(PHONES), "task": dataclasses.asdict(tcfg),
                        "best_step": res.best_step}, run_dir / "downstream.pt")
     m = _metrics({"wer": test["per"], "cer": float("nan")}, res, model, sources,
-                 (statuses, up_rates) if use_cache else None, device)
+                 cache, device)
     return dataclasses.replace(m, metric="per", value=float(test["per"]), higher_is_better=False, dev_wer=None,
                                cer=None, dev_cer=None, dev_per=float(res.best.get("per", float("nan"))))
 
