@@ -127,10 +127,15 @@ def test_eval_data_scores_the_trained_head_on_a_second_test_set(tmp_path):
         sf.write(tmp_path / f"c{i}.wav", (0.1 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype("float32"), sr)
         rows.append(f"c{i}\tc{i}.wav\t{text}")
     (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    plain = run_cli("run", *SMOKE, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    [first] = _results(tmp_path)
     proc = run_cli("run", *SMOKE, "eval_data=real_speech", f"eval_data.splits.test={tmp_path / 'm.tsv'}",
                    "eval_data.splits.dev=null", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [res] = _results(tmp_path)
+    [res] = [r for r in _results(tmp_path) if "eval" in r["metrics"]]
+    # the second test set changes nothing about the head: the first run's trained head is reused as is
+    assert res["metrics"]["resumed_from_step"] == res["metrics"]["steps"] and res["value"] == first["value"]
     ev = res["metrics"]["eval"]
     assert ev["data"] == "real_speech" and ev["split"] == "test" and ev["n"] == 3
     assert 0 <= ev["cer"] and 0 <= ev["wer"]

@@ -386,8 +386,9 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
         seed_everything(int(cfg.seed))
         model = ASRHead(upstream.num_hidden, upstream.hidden_size, len(CharVocab()), tcfg)
         task = ASRTask(model, sources, tcfg, trcfg.eval_batch_size)
-        state_dir = Path(trcfg.ckpt_dir) if trcfg.ckpt_dir else cache_dir / "runs" / _run_key(cfg, upstream_key,
-                                                                                                data_fps)
+        # the trained head depends on train/dev/test only: runs with and without eval_data share it
+        key = _run_key(cfg, upstream_key, {s: data_fps[s] for s in splits})
+        state_dir = Path(trcfg.ckpt_dir) if trcfg.ckpt_dir else cache_dir / "runs" / key
         res = fit(task, trcfg, seed=int(cfg.seed), state_dir=state_dir, run_dir=run_dir, progress=progress,
                   on_step=on_step, desc=f"asr {tcfg.name}")
         with torch.no_grad(), autocast_ctx(trcfg, device):
