@@ -183,3 +183,16 @@ def test_missing_s3prl_is_one_line_naming_the_install_command(tmp_path):
     env = {"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     line = _one_error_line(run_cli("cost", "model=tiny_hubert", cwd=tmp_path, env=env))
     assert "s3prl is not installed" in line and "pip install --no-deps s3prl==0.4.18" in line
+
+
+def test_demo_jobs_add_seeds_of_the_seeded_rows_and_the_real_speech_set():
+    from qspeech.demo import SEEDED, STUDY, jobs
+
+    one = jobs(1, real_speech=False)
+    assert one == list(STUDY)
+    three = jobs(3, real_speech=True)
+    assert len(three) == len(STUDY) + 2 * len(SEEDED)
+    extra = {label: ov for label, ov in three[len(STUDY):]}
+    assert extra["tiny_hubert rtn 2-bit seed 2"] == ["quant=rtn", "bits=2", "seed=2", "eval_data=real_speech"]
+    assert all(ov[-1] == "eval_data=real_speech" for _, ov in three)
+    assert not any(label.startswith("fbank") and "seed" in label for label, _ in three)
