@@ -243,24 +243,33 @@ class LiveSource:
 
 
 # ---------------------------------------------------------------------------------------------- task
-class ASRTask:
-    """The `Trainable` for qspeech.train.fit."""
+class CTCTask:
+    """The `Trainable` for qspeech.train.fit of a CTC head over frame features (ASR characters, PR phones):
+    targets[split][i] are the label ids of sources[split].utts[i]; a subclass says how ids read as text
+    (`hypothesis`, `reference`) and scores a split (`scores`)."""
 
     select_metric = "wer"
 
-    def __init__(self, model: ASRHead, sources: dict, cfg: ASRConfig, eval_batch_size: int = 16):
-        self.model, self.sources, self.cfg = model, sources, cfg
-        self.select_metric = cfg.select_metric
-        self.vocab = CharVocab()
-        self.eval_batch_size = eval_batch_size
-        self.targets = {s: [self.vocab.encode(u.text) for u in src.utts] for s, src in sources.items()}
+    def __init__(self, model: nn.Module, sources: dict, targets: dict, lr: float, blank: int = 0,
+                 zero_infinity: bool = True, eval_batch_size: int = 16):
+        self.model, self.sources, self.targets, self.lr = model, sources, targets, lr
+        self.blank, self.zero_infinity, self.eval_batch_size = blank, zero_infinity, eval_batch_size
         self.last_predictions: dict[str, list[tuple[str, str, str]]] = {}
+
+    def hypothesis(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def reference(self, split: str, i: int) -> str:
+        raise NotImplementedError
+
+    def scores(self, refs: list[str], hyps: list[str]) -> dict:
+        raise NotImplementedError
 
     def train_lengths(self):
         return self.sources["train"].lengths_s
 
     def make_optimizer(self):
-        return torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
 
     def make_batch(self, indices, device, split="train"):
         got = self.sources[split].batch(indices, device)
@@ -275,8 +284,8 @@ class ASRTask:
         logits, lens = self.model(batch["feats"], batch["lens"])
         logp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
         loss = F.ctc_loss(logp, batch["targets"].to(logp.device), lens.to(logp.device),
-                          batch["target_lens"].to(logp.device), blank=self.vocab.blank, reduction="mean",
-                          zero_infinity=self.cfg.zero_infinity)
+                          batch["target_lens"].to(logp.device), blank=self.blank, reduction="mean",
+                          zero_infinity=self.zero_infinity)
         return loss, len(batch["indices"])
 
     def evaluate(self, split, device):
@@ -288,12 +297,32 @@ class ASRTask:
             if batch is None:
                 continue
             logits, lens = self.model(batch["feats"], batch["lens"])
-            for i, ids in zip(batch["indices"], greedy_decode(logits.float(), lens, self.vocab.blank)):
-                hyp, ref = self.vocab.decode(ids), src.utts[i].text
+            for i, ids in zip(batch["indices"], greedy_decode(logits.float(), lens, self.blank)):
+                hyp, ref = self.hypothesis(ids), self.reference(split, i)
                 refs.append(ref)
                 hyps.append(hyp)
                 preds.append((src.utts[i].utt_id, ref, hyp))
         self.last_predictions[split] = preds
+        return self.scores(refs, hyps)
+
+
+class ASRTask(CTCTask):
+    """CTC over characters (CharVocab); dev WER (or CER: task.select_metric) picks the checkpoint."""
+
+    def __init__(self, model: ASRHead, sources: dict, cfg: ASRConfig, eval_batch_size: int = 16):
+        self.vocab = CharVocab()
+        targets = {s: [self.vocab.encode(u.text) for u in src.utts] for s, src in sources.items()}
+        super().__init__(model, sources, targets, cfg.lr, self.vocab.blank, cfg.zero_infinity, eval_batch_size)
+        self.cfg = cfg
+        self.select_metric = cfg.select_metric
+
+    def hypothesis(self, ids):
+        return self.vocab.decode(ids)
+
+    def reference(self, split, i):
+        return self.sources[split].utts[i].text
+
+    def scores(self, refs, hyps):
         return {"wer": wer_fn(refs, hyps), "cer": cer_fn(refs, hyps)}
 
 

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qspeech.checks import choice, integer, need, number
 from qspeech.data.phonemes import CMU_PHONES, phonemize, strip_stress
 from qspeech.errors import ConfigError, DataError, TrainingError
-from qspeech.tasks.asr import Featurizer, _metrics, feature_sources
+from qspeech.tasks.asr import CTCTask, Featurizer, _metrics, feature_sources
 from qspeech.tasks.config import Task, TaskConfig
-from qspeech.tasks.ctc import greedy_decode
 from qspeech.tasks.metrics import TaskMetrics, wer
 
 log = logging.getLogger(__name__)
@@ -141,55 +139,22 @@ def phone_targets(cfg: PRConfig, utts, lexicon: dict | None) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------- task
-class PRTask:
-    """The `Trainable` for qspeech.train.fit: CTC over phones, dev PER picks the checkpoint."""
+class PRTask(CTCTask):
+    """CTC over phones (PHONES, blank 0); dev PER picks the checkpoint. targets: split -> utt_id -> phone ids."""
 
     select_metric = "per"
 
     def __init__(self, model: PRHead, sources: dict, targets: dict, lr: float, eval_batch_size: int = 32):
-        self.model, self.sources, self.targets, self.lr = model, sources, targets, lr
-        self.eval_batch_size = eval_batch_size
-        self.last_predictions: dict[str, list[tuple[str, str, str]]] = {}
+        by_index = {s: [targets[s][u.utt_id] for u in src.utts] for s, src in sources.items()}
+        super().__init__(model, sources, by_index, lr, blank=0, zero_infinity=True, eval_batch_size=eval_batch_size)
 
-    def train_lengths(self):
-        return self.sources["train"].lengths_s
+    def hypothesis(self, ids):
+        return " ".join(PHONES[k] for k in ids)
 
-    def make_optimizer(self):
-        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
+    def reference(self, split, i):
+        return " ".join(PHONES[k] for k in self.targets[split][i])
 
-    def make_batch(self, indices, device, split="train"):
-        got = self.sources[split].batch(indices, device)
-        if got is None:
-            return None
-        feats, lens, kept = got
-        tg = [self.targets[split][self.sources[split].utts[i].utt_id] for i in kept]
-        return {"feats": feats, "lens": lens, "targets": torch.tensor([c for t in tg for c in t], dtype=torch.long),
-                "target_lens": torch.tensor([len(t) for t in tg], dtype=torch.long), "indices": kept}
-
-    def loss(self, batch):
-        logits, lens = self.model(batch["feats"], batch["lens"])
-        logp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
-        loss = F.ctc_loss(logp, batch["targets"], lens.to(logp.device), batch["target_lens"], blank=0,
-                          reduction="mean", zero_infinity=True)
-        return loss, len(batch["indices"])
-
-    def evaluate(self, split, device):
-        src = self.sources[split]
-        order = sorted(range(len(src)), key=lambda i: src.lengths_s[i])
-        refs, hyps, preds = [], [], []
-        for b in range(0, len(order), self.eval_batch_size):
-            batch = self.make_batch(order[b:b + self.eval_batch_size], device, split)
-            if batch is None:
-                continue
-            logits, lens = self.model(batch["feats"], batch["lens"])
-            for i, ids in zip(batch["indices"], greedy_decode(logits.float(), lens, 0)):
-                u = src.utts[i]
-                ref = " ".join(PHONES[k] for k in self.targets[split][u.utt_id])
-                hyp = " ".join(PHONES[k] for k in ids)
-                refs.append(ref)
-                hyps.append(hyp)
-                preds.append((u.utt_id, ref, hyp))
-        self.last_predictions[split] = preds
+    def scores(self, refs, hyps):
         return {"per": wer(refs, hyps)}  # word error rate over phone tokens = PER
 
 
