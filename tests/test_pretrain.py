@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
-from qspeech.errors import ConfigError
+from qspeech.errors import CheckpointError, ConfigError
 from qspeech.pretrain import common, compose, distilhubert, hubert
 from qspeech.pretrain.mfcc import conv_layers, mfcc, num_frames, receptive_field
 from qspeech.pretrain.labels import assign, fit_kmeans
@@ -248,6 +248,25 @@ def test_pretrain_and_distill_main_end_to_end(tmp_path, clips):
     assert s["check"]["reload_max_abs_diff"] == 0 and out.exists()
     assert (tmp_path / "pre" / "tiny_hubert.md").read_text().count("| it") == 3  # header + it1 + it2
     assert [r["stage"] for r in common.LossLog(tmp_path / "pre" / "loss.csv", []).rows()] == ["it1"] * 2 + ["it2"]
+    # init=checkpoint: a further iteration from the shipped file alone (fp16 weights loaded into fp32)
+    again = ["pretrain.iterations=[{name: it3, targets: hidden, layer: 1, clusters: 5, steps: 2, init: checkpoint, "
+             f"init_ckpt: '{out}'}}]"]
+    common_args = [f"pretrain.audio_dir={audio}", "pretrain.batch_size=3", "pretrain.crop_seconds=1.0",
+                   "pretrain.log_every=2", "pretrain.ckpt_every=2", "pretrain.kmeans.n_init=1", "threads=1", *tiny]
+    p3 = compose("pretrain", [f"run_dir={tmp_path / 'pre3'}", *common_args, *again])
+    r3 = hubert.setup(p3, tmp_path / "pre3")
+    start = hubert.checkpoint_model(r3, p3.pretrain.iterations[0]).state_dict()
+    shipped = torch.load(out, weights_only=True)["model_weight"]
+    assert all(torch.equal(start[k], shipped[k].float()) for k in shipped if k != "label_embs_concat")
+    s3 = hubert.main(p3)
+    assert s3["iterations"][0]["init_ckpt"] == str(out) and s3["iterations"][0]["labels"]["feature_dim"] == TINY[
+        "encoder_embed_dim"]
+    wider = [a for a in common_args if "encoder_ffn_embed_dim" not in a] + ["model.arch_cfg.encoder_ffn_embed_dim=24"]
+    p4 = compose("pretrain", [f"run_dir={tmp_path / 'pre4'}", *wider, *again])
+    with pytest.raises(CheckpointError, match="does not match model=tiny_hubert's architecture"):
+        hubert.checkpoint_model(hubert.setup(p4, tmp_path / "pre4"), p4.pretrain.iterations[0])
+    with pytest.raises(ConfigError, match="init_ckpt"):
+        compose("pretrain", ["pretrain.iterations=[{clusters: 5, steps: 2, init: checkpoint}]"])
     student = [f"model.arch_cfg.{k}={v}" for k, v in STUDENT.items()
                if k in ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads",
                         "conv_pos", "conv_pos_groups", "final_dim")]

@@ -143,21 +143,26 @@ TARGETS = ("mfcc", "hidden", "teacher")
 @dataclass
 class IterationConfig:
     """One HuBERT iteration: k-means units of `targets` (hidden: of `layer` of the previous iteration's
-    model), trained from scratch or from the previous iteration's weights."""
+    model), trained from scratch, from the previous iteration's weights, or from a checkpoint of the same
+    architecture (init=checkpoint, init_ckpt=<file>: e.g. the shipped asset, to add an iteration without
+    rerunning the ones that made it)."""
 
     clusters: int = MISSING
     steps: int = MISSING
     name: str | None = None  # null: it<N>
     targets: str = "mfcc"
     layer: int | None = None  # targets=hidden
-    init: str = "scratch"  # scratch | previous
+    init: str = "scratch"  # scratch | previous | checkpoint
+    init_ckpt: str | None = None  # init=checkpoint: an s3prl-format HuBERT checkpoint (e.g. qspeech/assets/tiny_hubert.pt)
     max_utts: int | None = None  # bounds the utterances of this iteration (e.g. its hidden-feature pass)
 
     def __post_init__(self):
         integer(self, "clusters", 1)
         integer(self, "steps", 1)
         choice(self, "targets", TARGETS)
-        choice(self, "init", ("scratch", "previous"))
+        choice(self, "init", ("scratch", "previous", "checkpoint"))
+        need((self.init == "checkpoint") == bool(self.init_ckpt), "init_ckpt", self.init_ckpt,
+             "give init_ckpt=<file> exactly when init=checkpoint")
         integer(self, "layer", 1, optional=self.targets != "hidden")
         integer(self, "max_utts", 1, optional=True)
 
@@ -181,7 +186,7 @@ class PretrainConfig(CropTraining):
         need(len(self.iterations) > 0, "iterations", self.iterations,
              "give at least one {targets: mfcc, clusters: ..., steps: ...}")
         for i, it in enumerate(self.iterations):
-            if i == 0 and it.targets == "hidden":
+            if i == 0 and it.targets == "hidden" and it.init != "checkpoint":
                 raise FieldError("iterations[0].targets", "hidden-layer targets need a previous iteration", it.targets)
             if i == 0 and it.init == "previous":
                 raise FieldError("iterations[0].init", "the first iteration starts from scratch", it.init)

@@ -152,17 +152,42 @@ def setup(cfg: PretrainRunConfig, folder: Path) -> PretrainRun:
 
 
 def iteration_model(r: PretrainRun, i: int, it: IterationConfig, prev) -> tuple[torch.nn.Module, dict]:
-    """Iteration i's model (seeded by the iteration) and its HubertConfig; init=previous starts from the
-    previous iteration's weights (all but the label embeddings)."""
+    """Iteration i's model (seeded by the iteration) and its HubertConfig; init=previous (checkpoint) starts
+    from the previous iteration's (the checkpoint's) weights, all but the label embeddings."""
     mcfg = model_config(r.arch_cfg, r.train_cfg, r.hop)
     torch.manual_seed(int(r.cfg.seed) + 1000 * i)
     model = build_model(mcfg, int(it.clusters), r.hop)
     init_label_embeddings(model, r.cfg.pretrain.label_emb_init)
-    if it.init == "previous":
+    if it.init in ("previous", "checkpoint"):
         sd = {n_: t for n_, t in prev.state_dict().items() if n_ != "label_embs_concat"}
         missing, unexpected = model.load_state_dict(sd, strict=False)
         assert missing == ["label_embs_concat"] and not unexpected, (missing, unexpected)
     return model, mcfg
+
+
+def checkpoint_model(r: PretrainRun, it: IterationConfig) -> torch.nn.Module:
+    """init=checkpoint: the model of it.init_ckpt (an s3prl-format HuBERT checkpoint of this run's
+    architecture; fp16 weights load into fp32), standing in for the previous iteration."""
+    from qspeech.errors import CheckpointError
+    from qspeech.upstream import checkpoints
+
+    path = Path(str(it.init_ckpt)).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"init_ckpt={path}: no such file; point it at a HuBERT checkpoint such as "
+                              "qspeech/assets/tiny_hubert.pt")
+    state = checkpoints.load(path)
+    checkpoints.check_format(state, "hubert", path)
+    model = build_model(model_config(r.arch_cfg, r.train_cfg, r.hop), int(it.clusters), r.hop)
+    weights = {k: v for k, v in state["model_weight"].items() if k != "label_embs_concat"}
+    own = {k: v for k, v in model.state_dict().items() if k != "label_embs_concat"}
+    wrong = sorted(k for k in own if k not in weights or tuple(weights[k].shape) != tuple(own[k].shape))
+    extra = sorted(k for k in weights if k not in own)
+    if wrong or extra:
+        raise CheckpointError(f"init_ckpt={path} does not match model={r.cfg.model.name}'s architecture "
+                              f"({len(wrong)} missing or differently shaped tensors, e.g. {(wrong or extra)[0]}); "
+                              "use the checkpoint of the same model")
+    model.load_state_dict(weights, strict=False)
+    return model.eval()
 
 
 def train_iteration(r: PretrainRun, i: int, it: IterationConfig, prev, offset: int) -> tuple[dict, torch.nn.Module, float]:
@@ -173,6 +198,8 @@ def train_iteration(r: PretrainRun, i: int, it: IterationConfig, prev, offset: i
     d = r.folder / name
     d.mkdir(exist_ok=True)
     k = int(it.clusters)
+    if it.init == "checkpoint":
+        prev = checkpoint_model(r, it)
     sub = r.corpus
     if it.max_utts and it.max_utts < len(r.corpus):  # e.g. to bound hidden-feature extraction
         rng = np.random.default_rng([int(cfg.seed), i])
@@ -198,7 +225,7 @@ def train_iteration(r: PretrainRun, i: int, it: IterationConfig, prev, offset: i
         common.save_s3prl(s3prl_state(model, mcfg, k, r.hop), final, fp16=False)
     model.eval()
     record = {"name": name, "targets": it.targets, "layer": it.layer, "clusters": k,
-              "init": it.init, "steps": int(it.steps), "labels": stats,
+              "init": it.init, **({"init_ckpt": str(it.init_ckpt)} if it.init_ckpt else {}), "steps": int(it.steps), "labels": stats,
               "utterances": len(sub), "checkpoint": str(final),
               "first": res["first"], "final": res["last"], "train_wall_s": round(res["wall_s"], 1)}
     return record, model, res["wall_this_s"] + (stats["seconds"] if fresh else 0.0)
