@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 S3PRL   ?= s3prl==0.4.18
 
-.PHONY: install test test-all demo report assets bench superb clean-outputs
+.PHONY: install test test-all demo report assets bench superb gpu-check gpu-wheels clean-outputs
 
 $(BIN)/qspeech: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,11 @@ assets: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_upstream.py
+
+# The prepared GPU check (benchmarks/gpu_check.py): CUDA training path + CUDA speed variants, one JSON.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out outputs/gpu_check.json
+
+# For a GPU machine without network whose Python 3.12 has torch: the wheels it lacks, into .whl/ (21 MiB).
+gpu-wheels: install
+	$(BIN)/python benchmarks/gpu_check.py --prepare-wheels .whl
