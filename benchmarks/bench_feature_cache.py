@@ -11,6 +11,7 @@ throughput of both and their ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,29 +46,38 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qspeech-bench-"))
     feat_root = cache / "features"
     before = set(feat_root.iterdir()) if feat_root.exists() else set()
-    model_cfg = OmegaConf.load(ROOT / f"conf/model/{args.model}.yaml")
+
+    def run_config(cache_features: bool):
+        """The typed run config (conf/config.yaml composed with Hydra, as `qspeech run` does)."""
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        from qspeech.config import CONF_DIR, to_typed
+
+        GlobalHydra.instance().clear()
+        overrides = [f"model={args.model}", "task=asr_small", "train=cpu", "data=mini", f"cache_dir={cache}",
+                     f"data.max_utts.train={args.utts}", f"data.max_utts.dev={args.eval_utts}",
+                     f"data.max_utts.test={args.eval_utts}", "data.max_utts.unlabeled=0",
+                     f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
+                     f"train.batch_size={args.batch_size}", f"train.cache_features={str(cache_features).lower()}",
+                     f"train.num_threads={args.threads}", "train.resume=false",
+                     f"train.ckpt_dir={work / f'ckpt-{cache_features}'}"]
+        if args.no_unlabeled:
+            overrides.append("data.mini.n_unlabeled=0")
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return to_typed(compose(config_name="config", overrides=overrides))
+
     torch.manual_seed(0)
+    model_cfg = run_config(True).model
     try:
         upstream = build_upstream(model_cfg)
-    except Exception as e:  # noqa: BLE001 - e.g. the packaged checkpoint is not built: speed is the same
-        print(f"(pretrained {args.model} unavailable: {e}; using random init)")
-        model_cfg.init = "random"
-        upstream = build_upstream(model_cfg)
-    data = OmegaConf.load(ROOT / "conf/data/mini.yaml")
-    data.max_utts = {"train": args.utts, "dev": args.eval_utts, "test": args.eval_utts, "unlabeled": 0}
-    if args.no_unlabeled:
-        data.mini.n_unlabeled = 0
+    except Exception as e:  # noqa: BLE001 - e.g. no network for a pretrained checkpoint: speed is the same
+        print(f"(pretrained {args.model} unavailable: {str(e)[:120]}...; using random init)")
+        upstream = build_upstream(dataclasses.replace(model_cfg, init="random"))
 
     results = {}
     for mode in (True, False):
-        cfg = OmegaConf.create({
-            "task": OmegaConf.load(ROOT / "conf/task/asr_small.yaml"),
-            "train": OmegaConf.load(ROOT / "conf/train/cpu.yaml"),
-            "data": data, "seed": 0, "cache_dir": str(cache),
-        })
-        cfg.train.update({"max_steps": args.steps, "eval_every": args.steps, "batch_size": args.batch_size,
-                          "cache_features": mode, "num_threads": args.threads, "resume": False,
-                          "ckpt_dir": str(work / f"ckpt-{mode}")})
+        cfg = run_config(mode)
         # corpus preparation is not part of either timing
         from qspeech.data import load_split
 
@@ -76,7 +85,7 @@ def main() -> None:
             load_split(cfg.data, s, cache)
         t0 = time.perf_counter()
         key = fingerprint(upstream, extra=f"bench-{time.time()}")  # fresh key: the cache is built here
-        m = run_task(cfg, upstream, work / f"run-{mode}", key, progress=False)
+        m = dataclasses.asdict(run_task(cfg, upstream, work / f"run-{mode}", key, progress=False))
         m["total_s"] = time.perf_counter() - t0
         results["cache" if mode else "no cache"] = m
         print(f"{'cache' if mode else 'no cache':>9}: feature_cache={m['feature_cache']:<4} "
