@@ -177,14 +177,16 @@ class DistillStage(Job):
 
 
 def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: QuantConfig, stage: int, bits: int,
-                   key: str, ckpt: Path | None, progress: bool) -> dict:
-    """Train one stage (resuming from `ckpt` when it holds this stage's state); the student ends frozen."""
+                   key: str, ckpt: Path | None, progress: bool, label: str | None = None) -> dict:
+    """Train one stage (resuming from `ckpt` when it holds this stage's state); the student ends frozen.
+    label: the stage's name in progress bars and logged curves (default '<bits>bit')."""
+    label = label or f"{bits}bit"
     job = DistillStage(student, teacher, sampler, cfg, stage, bits, key)
     t0 = time.time()
     res = run(job, LoopConfig(
-        total=int(cfg.steps), desc=f"distill {cfg.method} {bits}-bit", grad_clip=cfg.grad_clip,
+        total=int(cfg.steps), desc=f"distill {cfg.method} {label.replace('bit', '-bit', 1)}", grad_clip=cfg.grad_clip,
         log_every=max(1, int(cfg.log_every)), ckpt_every=int(cfg.ckpt_every or 0) or None, state_path=ckpt,
-        progress=progress, hint="lower quant.lr", log_prefix=f"qat_{bits}bit"))
+        progress=progress, hint="lower quant.lr", log_prefix=f"qat_{label}"))
     _freeze(student)
     losses = job.losses
     return {"stage": stage, "bits": bits, "steps": int(cfg.steps), "resumed_at": res.resumed_from,
@@ -249,22 +251,29 @@ def quantize_upstream(cfg, upstream, run_dir=None, progress: bool = True):
 
 def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key: str, run_dir: Path | None,
              progress: bool, info: dict):
-    """The method's distillation stages (BiT at 1 bit: FP -> 2-bit -> 1-bit), each stage's teacher the
-    previous stage's student; returns the last student and records the stages in info["stages"]."""
+    """The method's distillation stages (bit at 1 bit: FP -> 2-bit -> 1-bit; bit_exact: W1A4 -> W1A2 -> W1A1),
+    each stage's teacher the previous stage's student; returns the last student and records the stages in
+    info["stages"]."""
     sampler = _AudioSampler(audio_paths, cfg.batch_size, cfg.max_seconds, cfg.seed)
     torch.manual_seed(int(cfg.seed))
+    method = get_method(cfg.method)
     teacher = _freeze(clone_model(upstream))
     previous = None
     info["stages"] = []
-    for i, b in enumerate(get_method(cfg.method).distill_stages(cfg, bits)):
-        if previous is None:
+    for i, (b, stage_cfg) in enumerate(method.distill_plan(cfg, bits)):
+        if previous is None or method.stage_start == "full_precision":
             student = clone_model(upstream)
         else:  # the next student starts from the previous student's latent weights
             student = clone_model(previous)
             remove_quantization_(student.model, keep="latent")
-        quantize_(student, cfg, b)
-        ckpt = run_dir / "quant_ckpt" / f"stage{i}_b{b}.pt" if run_dir else None
-        info["stages"].append(_distill_stage(student, teacher, sampler, cfg, i, b, key, ckpt, progress))
+        quantize_(student, stage_cfg, b)
+        # a stage that differs from the run's config in more than its bits names its activation bits too
+        act = f"_a{stage_cfg.act_bits}" if stage_cfg is not cfg else ""
+        ckpt = run_dir / "quant_ckpt" / f"stage{i}_b{b}{act}.pt" if run_dir else None
+        record = _distill_stage(student, teacher, sampler, stage_cfg, i, b, key, ckpt, progress, f"{b}bit{act}")
+        if stage_cfg.act_bits is not None:
+            record["act_bits"] = int(stage_cfg.act_bits)
+        info["stages"].append(record)
         teacher, previous = student, student
     return previous
 

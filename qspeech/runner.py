@@ -30,7 +30,21 @@ def run_id(cfg: DictConfig) -> str:
     # A policy that only decides whether a run may go on, never its numbers: adding it kept every folder.
     if isinstance(plain.get("data"), dict):
         plain["data"].pop("max_skipped", None)
+    _drop_neutral_keys(plain)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _drop_neutral_keys(plain: dict) -> None:
+    """Keys added after runs were recorded, at the value that reproduces the earlier behaviour, leave the hash
+    (QuantConfig's KEY_NEUTRAL, a task config class's KEY_NEUTRAL): adding them kept every folder's name."""
+    from qspeech.quant.config import KEY_NEUTRAL, drop_neutral
+    from qspeech.tasks import TASKS
+
+    if isinstance(plain.get("quant"), dict):
+        drop_neutral(plain["quant"], KEY_NEUTRAL)
+    task = plain.get("task")
+    if isinstance(task, dict) and task.get("kind") in TASKS:
+        drop_neutral(task, getattr(TASKS[task["kind"]].config, "KEY_NEUTRAL", {}))
 
 
 def _now() -> str:
@@ -119,6 +133,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
             upstream = quantize_upstream(cfg, upstream, run_dir, progress)
             # Evaluate exactly what the packed file stores: fp16 scales and fp16 non-quantized tensors.
             from qspeech.quant import round_to_storage_
+            from qspeech.quant.config import key_dict
 
             round_to_storage_(upstream)
             timings["quantize_s"] = time.perf_counter() - t
@@ -126,8 +141,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
             from qspeech.tasks import run_task
 
             t = time.perf_counter()
-            key = fingerprint(upstream, extra=json.dumps(dataclasses.asdict(cfg.quant), sort_keys=True)
-                              + f"|bits={cfg.bits}")
+            key = fingerprint(upstream, extra=json.dumps(key_dict(cfg.quant), sort_keys=True) + f"|bits={cfg.bits}")
             metrics = run_task(cfg, upstream, run_dir, key, progress=progress)
             timings["task_s"] = time.perf_counter() - t
         _count_skips(metrics, skips)

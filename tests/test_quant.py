@@ -252,10 +252,10 @@ def _yaml(method: str) -> dict:
 
 
 def test_conf_yamls_are_valid():
-    for method in ("rtn", "kmeans", "lsq", "bit"):
+    for method in ("rtn", "kmeans", "lsq", "bit", "bit_exact"):
         cfg = _yaml(method)
         assert cfg["method"] == method
-        validate_quant_config(cfg, 2)
+        validate_quant_config(cfg, 1 if method == "bit_exact" else 2)  # BiT's code has 1-bit weights only
 
 
 def test_overhead_values():
@@ -279,7 +279,7 @@ def test_overhead_values():
 
 def test_every_method_config_defaults_equal_its_yaml():
     schemas = quant_schemas()
-    assert list(schemas) == ["rtn", "kmeans", "lsq", "bit"]
+    assert list(schemas) == ["rtn", "kmeans", "lsq", "bit", "bit_exact"]
     assert sorted(schemas) == sorted(p.stem for p in Path("conf/quant").glob("*.yaml"))
     shared = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
               for f in dataclasses.fields(QuantConfig)}
@@ -291,7 +291,7 @@ def test_every_method_config_defaults_equal_its_yaml():
         # what the YAML leaves out is the shared default: composing it over QuantConfig's schema agrees too
         assert {k: getattr(default, k) for k in shared if k not in yaml} == \
             {k: v for k, v in shared.items() if k not in yaml}, name
-        assert validate_quant_config(yaml, 2) == default
+        assert validate_quant_config(yaml, min(get_method(name).weight_bits | {2})) == default
 
 
 def test_rtn_config_is_quant_rtn(tiny):

@@ -93,7 +93,7 @@ def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
         q = method.make_weight_quantizer(cfg, module.weight.detach(), b)
         parametrize.register_parametrization(module, "weight", q)
         if cfg.act_bits is not None:
-            module.input_quant = ActQuantizer(int(cfg.act_bits), elastic=method.elastic_act)
+            module.input_quant = method.make_act_quantizer(cfg, name, module, int(cfg.act_bits))
             module.register_forward_pre_hook(input_quant_hook)
     if cfg.act_bits is not None:
         force_projection_calls(inner, chosen)
@@ -128,7 +128,8 @@ def quantized_weight_parts(module: nn.Module) -> dict:
     shaped (R, G) or codebook (R, 1, 2^b): R = 1 (tensor) or out channels, G = 1 or row/group_size
     groups of consecutive weights of the row-major flattened row. 'act' (if the input is quantized):
     bits, signed, alpha, beta (x_q = alpha*sign(x - beta) at 1 signed bit, else
-    alpha*round(clip((x - beta)/alpha, Qn, Qp))).
+    alpha*round(clip((x - beta)/alpha, Qn, Qp))); bit_exact: beta is one value per input channel (a
+    tensor), sign(0) = 0, and unsigned multi-bit inputs are shifted by their tensor's minimum (BiT's code).
     """
     q = weight_quantizer(module)
     if q is None:
@@ -136,8 +137,9 @@ def quantized_weight_parts(module: nn.Module) -> dict:
     parts = q.parts(module.parametrizations.weight.original)
     if isinstance(getattr(module, "input_quant", None), ActQuantizer):
         aq = module.input_quant
-        parts["act"] = {"bits": aq.bits, "signed": bool(aq.signed), "elastic": aq.elastic,
-                        "alpha": float(aq.alpha.abs().clamp_min(1e-8)), "beta": float(aq.beta)}
+        parts["act"] = {"bits": aq.bits, "signed": bool(aq.signed), "elastic": aq.elastic, "bit_exact": aq.bit_exact,
+                        "alpha": float(aq.alpha_value()),
+                        "beta": aq.beta.detach().clone() if aq.bit_exact else float(aq.beta)}
     return parts
 
 

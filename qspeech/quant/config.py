@@ -27,7 +27,11 @@ CLIPS = ("minmax", "mse")
 NON_SEMANTIC = ("log_every", "ckpt_every")
 # Fields that only QAT (distillation) reads: left out of the cache keys of PTQ methods.
 QAT_FIELDS = ("steps", "lr", "batch_size", "max_seconds", "distill_loss", "cos_weight", "weight_decay", "grad_clip",
-              "multi_distill")
+              "multi_distill", "grad_scale_n")
+GRAD_SCALE_N = ("row", "layer")
+# Fields added after runs were recorded, with the value that reproduces the earlier behaviour: left out of run
+# folder names and cache keys while they hold it, so existing runs and caches keep their keys (key_dict).
+KEY_NEUTRAL = {"grad_scale_n": "row"}
 
 
 @dataclass
@@ -63,8 +67,12 @@ class QuantConfig:
     cos_weight: float = 1.0  # weight of the -log sigmoid(cos) term of l1_cos
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    # bit at 1 bit: distil FP -> 2-bit -> 1-bit, each stage's teacher being the previous model.
+    # bit at 1 bit: distil FP -> 2-bit -> 1-bit, each stage's teacher being the previous model; bit_exact with
+    # act_bits: 1-bit weights through activation bits 4 -> 2 -> 1 (down to act_bits).
     multi_distill: bool = True
+    # N of LSQ's gradient scale g = 1/sqrt(N * Qp) for a weight step (lsq, bit's 2-bit stage): 'row' the
+    # weights sharing the step (qspeech's default; the demo's numbers), 'layer' the layer's N_W (the LSQ paper).
+    grad_scale_n: str = "row"
     log_every: int = 25
     ckpt_every: int = 100
 
@@ -114,6 +122,7 @@ def _check_fields(cfg: QuantConfig, method) -> None:
     number(cfg, "lr", 0, lo_open=True)
     number(cfg, "max_seconds", 0, lo_open=True)
     choice(cfg, "distill_loss", DISTILL_LOSSES)
+    choice(cfg, "grad_scale_n", GRAD_SCALE_N)
     for key in ("cos_weight", "weight_decay", "grad_clip"):
         number(cfg, key, 0)
     integer(cfg, "log_every", 0)
@@ -199,12 +208,29 @@ def overhead_values(cfg, weight_shape: tuple, bits: int) -> int:
     cfg = as_quant_config(cfg)
     if int(bits) >= 32:
         return 0
-    return get_method(cfg.method).scale_values(cfg, n_scale_groups(cfg, tuple(weight_shape)), int(bits))
+    shape = tuple(weight_shape)
+    return get_method(cfg.method).overhead(cfg, shape, n_scale_groups(cfg, shape), int(bits))
+
+
+def drop_neutral(d: dict, neutral: Mapping) -> dict:
+    """`d` (a config as a dict) without the keys that hold their KEY_NEUTRAL value (nested mappings
+    recursively), in place; returns d."""
+    for k, v in neutral.items():
+        if isinstance(v, Mapping) and isinstance(d.get(k), dict):
+            drop_neutral(d[k], v)
+        elif k in d and d[k] == v:
+            del d[k]
+    return d
+
+
+def key_dict(cfg: QuantConfig) -> dict:
+    """The config as a dict for run keys: every field but those at their KEY_NEUTRAL value."""
+    return drop_neutral(dataclasses.asdict(cfg), KEY_NEUTRAL)
 
 
 def cache_dict(cfg: QuantConfig) -> dict:
     """The config fields that determine the quantized model (for cache keys)."""
-    d = dataclasses.asdict(cfg)
+    d = key_dict(cfg)
     for k in NON_SEMANTIC:
         d.pop(k, None)
     if not get_method(cfg.method).needs_distillation:

@@ -215,9 +215,21 @@ def lsq_init_step(wg: torch.Tensor, bits: int) -> torch.Tensor:
     return (2 * wg.detach().abs().mean(-1) / math.sqrt(qp)).clamp_min(1e-8)
 
 
-def lsq_grad_scale(numel_per_step: int, bits: int) -> float:
+def lsq_grad_scale(n: int, bits: int) -> float:
+    """LSQ's g = 1/sqrt(N * Qp). The LSQ paper's N for a weight step is the layer's N_W; qspeech's default
+    (quant.grad_scale_n=row) is the number of weights sharing the step: see lsq_grad_scale_n."""
     _, qp = signed_range(bits)
-    return 1.0 / math.sqrt(numel_per_step * qp)
+    return 1.0 / math.sqrt(n * qp)
+
+
+def lsq_grad_scale_n(w: torch.Tensor, wg: torch.Tensor, how: str) -> int:
+    """N of lsq_grad_scale for weight `w` grouped as `wg`: 'row' the weights sharing one step (a row, a group,
+    or the tensor), 'layer' every weight of the tensor (N_W, Esser et al. section 2.2)."""
+    if how == "row":
+        return int(wg.shape[-1])
+    if how == "layer":
+        return int(w.numel())
+    raise ValueError(f"unknown grad_scale_n {how!r} (row | layer)")
 
 
 def lsq_codes(xg: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
@@ -252,6 +264,105 @@ def elastic_quant(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, bits
     else:
         qn, qp = 0, 2**bits - 1
     return a * round_ste(torch.clamp(v, qn, qp))
+
+
+# ----------------------------------------------------------------------------------- BiT's code (bit_exact)
+# Transcribed from facebookresearch/bit transformer/utils_quant.py (BwnQuantizer, ElasticQuantBinarizerSigned /
+# Unsigned, AlphaInit): forward values and hand-written gradients as there, which differ from autograd through
+# qspeech's formulas above (e.g. BiT's alpha gradient at 1 signed bit is sum(sign(x)), with no -v*1[|v|<=1] term).
+
+BIT_ALPHA_EPS = 1e-5  # BiT: alpha = where(alpha > eps, alpha, eps)
+
+
+class _BwnSTE(torch.autograd.Function):
+    """sign(W - mean W) * mean|W| per group; the gradient reaches W unchanged (BiT's BwnQuantizer.backward:
+    not scaled by mean|W|, nothing through the mean or the scale)."""
+
+    @staticmethod
+    def forward(ctx, wg):
+        return binary_fake(wg.detach(), binary_scale(wg.detach()), center=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def bwn_fake(wg: torch.Tensor) -> torch.Tensor:
+    """BiT's 1-bit weights (BwnQuantizer, layerwise when wg is one group). A weight exactly at the mean maps to
+    +mean|W| here (a 1-bit code must be +-1) where BiT's torch.sign gives 0."""
+    return _BwnSTE.apply(wg)
+
+
+def bit_init_alpha(x: torch.Tensor, bits: int, signed: bool) -> float:
+    """BiT's AlphaInit 'default': 2 mean|x| / sqrt(Qp) signed, 4 mean|x| / sqrt(Qp) unsigned, with
+    Qp = 2^(b-1)-1 (signed) or 2^b-1 (unsigned), and Qp = 1 where that is 0 (signed 1 bit)."""
+    qp = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    qp = qp or 1
+    return float((2 if signed else 4) * x.detach().abs().mean() / math.sqrt(qp))
+
+
+def _bit_alpha_grad(v, g, qn, qp, scale):
+    small = (v < qn).to(g.dtype)
+    big = (v > qp).to(g.dtype)
+    middle = 1.0 - small - big
+    return ((small * qn + big * qp + middle * (torch.round(v) - v)) * g * scale).sum(), middle
+
+
+class _BitElasticSigned(torch.autograd.Function):
+    """ElasticQuantBinarizerSigned: 1 bit alpha*sign(x) (Qn, Qp = -1, 1); b bits alpha*clip(round(x/alpha),
+    -2^(b-1), 2^(b-1)-1). Gradients: x where Qn <= x/alpha <= Qp; alpha sum(sign(x) g) at 1 bit, else LSQ's
+    sum((Qn | Qp | round(v) - v) g); both alpha gradients times 1/sqrt(numel * Qp)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, bits: int):
+        qn, qp = (-1, 1) if bits == 1 else signed_range(bits)
+        a = torch.where(alpha > BIT_ALPHA_EPS, alpha, torch.full_like(alpha, BIT_ALPHA_EPS))
+        ctx.save_for_backward(x, a)
+        ctx.other = 1.0 / math.sqrt(x.numel() * qp), qn, qp, bits
+        q = torch.sign(x) if bits == 1 else torch.round(x / a).clamp(qn, qp)
+        return q * a
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a = ctx.saved_tensors
+        scale, qn, qp, bits = ctx.other
+        v = x / a
+        if bits == 1:
+            middle = ((v >= qn) & (v <= qp)).to(g.dtype)
+            ga = (torch.sign(x) * g * scale).sum()
+        else:
+            ga, middle = _bit_alpha_grad(v, g, qn, qp, scale)
+        return middle * g, ga.reshape(a.shape), None
+
+
+class _BitElasticUnsigned(torch.autograd.Function):
+    """ElasticQuantBinarizerUnsigned: alpha*clip(round(x'/alpha), 0, 2^b-1) (+ min) with x' = x at 1 bit and
+    x' = x - min(x) (the whole tensor's minimum, a constant) above; gradients as the signed one's multi-bit
+    formula with Qn = 0."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, bits: int):
+        qn, qp = 0, 2**bits - 1
+        lo = 0.0 if bits == 1 else x.min().item()
+        xs = x if bits == 1 else x - lo
+        a = torch.where(alpha > BIT_ALPHA_EPS, alpha, torch.full_like(alpha, BIT_ALPHA_EPS))
+        ctx.save_for_backward(xs, a)
+        ctx.other = 1.0 / math.sqrt(x.numel() * qp), qn, qp
+        out = torch.round(xs / a).clamp(qn, qp) * a
+        return out if bits == 1 else out + lo
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, a = ctx.saved_tensors
+        scale, qn, qp = ctx.other
+        ga, middle = _bit_alpha_grad(xs / a, g, qn, qp, scale)
+        return middle * g, ga.reshape(a.shape), None
+
+
+def bit_elastic(x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """BiT's elastic activation quantizer on x (BiT's learnable per-channel bias is applied by the caller)."""
+    fn = _BitElasticSigned if signed else _BitElasticUnsigned
+    return fn.apply(x, alpha, int(bits))
 
 
 # ----------------------------------------------------------------------------------- k-means

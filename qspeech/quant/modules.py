@@ -47,24 +47,54 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Quantizes a module's input. lsq: signed LSQ step (elastic=False, beta fixed 0); bit: BiT's
+    """Quantizes a module's input. lsq: signed LSQ step (elastic=False, beta fixed 0); bit: BiT-style
     elastic alpha/beta, unsigned when the first batch seen is non-negative. Initialised from the first
-    batch it sees (alpha = mean|x| at 1 bit, else 2 mean|x| / sqrt(Qp)); `initialized` is saved with it."""
+    batch it sees (alpha = mean|x| at 1 bit, else 2 mean|x| / sqrt(Qp)); `initialized` is saved with it.
 
-    def __init__(self, bits: int, elastic: bool):
+    channels=C (bit_exact): BiT's own quantizer (utils_quant.py): x - beta with beta one learnable value per
+    input channel (BiT's LearnableBias, beta = -its bias; shaped (C,) for a Linear's (..., C) input, (C, 1) for a
+    conv's (B, C, T)), BiT's elastic binarizer and gradients (functional.bit_elastic), alpha initialised by
+    BiT's AlphaInit, signedness fixed by the module's role (`signed`). A per-channel beta marks this variant, so
+    a state dict alone rebuilds it (a packed file's loader builds the default one and loads the state)."""
+
+    def __init__(self, bits: int, elastic: bool, channels: int | None = None, channel_dim: int = -1,
+                 signed: bool = True):
         super().__init__()
         self.bits = int(bits)
-        self.elastic = bool(elastic)
+        self.elastic = bool(elastic) or channels is not None
         self.alpha = nn.Parameter(torch.tensor(1.0))
-        self.beta = nn.Parameter(torch.tensor(0.0), requires_grad=self.elastic)
-        self.register_buffer("signed", torch.tensor(True))
+        shape = () if channels is None else (int(channels),) + (1,) * (-1 - channel_dim)
+        self.beta = nn.Parameter(torch.zeros(shape), requires_grad=self.elastic)
+        self.register_buffer("signed", torch.tensor(bool(signed) if channels is not None else True))
         self.register_buffer("initialized", torch.tensor(False))
 
+    @property
+    def bit_exact(self) -> bool:
+        return self.beta.dim() > 0
+
     def extra_repr(self):
-        return f"bits={self.bits}, elastic={self.elastic}"
+        return f"bits={self.bits}, elastic={self.elastic}" + (", bit_exact" if self.bit_exact else "")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        beta = state_dict.get(prefix + "beta")
+        if beta is not None and beta.shape != self.beta.shape:  # the saved quantizer was the other variant
+            self.elastic = self.elastic or beta.dim() > 0
+            self.beta = nn.Parameter(torch.zeros_like(beta), requires_grad=self.elastic)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def alpha_value(self) -> torch.Tensor:
+        """alpha as the forward uses it."""
+        if self.bit_exact:
+            a = self.alpha.detach()
+            return torch.where(a > Fq.BIT_ALPHA_EPS, a, torch.full_like(a, Fq.BIT_ALPHA_EPS))
+        return self.alpha.detach().abs().clamp_min(1e-8)
 
     @torch.no_grad()
     def _init(self, x):
+        if self.bit_exact:  # BiT's AlphaInit on its quantizer's input (beta is 0 at init)
+            self.alpha.fill_(Fq.bit_init_alpha(x - self.beta, self.bits, bool(self.signed)))
+            self.initialized.fill_(True)
+            return
         self.signed.fill_(bool(not self.elastic or x.min() < -1e-5))
         m = x.abs().mean().clamp_min(1e-8)
         if self.bits == 1:
@@ -80,6 +110,8 @@ class ActQuantizer(nn.Module):
         if not bool(self.initialized):
             self._init(x.detach())
         signed = bool(self.signed)
+        if self.bit_exact:
+            return Fq.bit_elastic(x - self.beta, self.alpha, self.bits, signed)
         qp = (2 ** (self.bits - 1) - 1 if signed else 2**self.bits - 1) if self.bits > 1 else 1
         g = 1.0 / math.sqrt(x.numel() * qp)
         return Fq.elastic_quant(x, self.alpha.abs().clamp_min(1e-8), self.beta, self.bits, signed, g)

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from qspeech.errors import ConfigError
 from qspeech.quant.formats import FORMATS
+from qspeech.quant.modules import ActQuantizer
 
 _METHODS: dict[str, QuantMethod] = {}
 
@@ -51,12 +52,30 @@ class QuantMethod:
         """16-bit values stored besides the b-bit codes for one weight tensor with `groups` scale groups."""
         raise NotImplementedError
 
+    def overhead(self, cfg, weight_shape: tuple, groups: int, bits: int) -> int:
+        """16-bit values stored besides the codes of one weight tensor of this shape; scale_values unless the
+        count depends on the shape (BiT's per-input-channel activation bias)."""
+        return self.scale_values(cfg, groups, bits)
+
+    def make_act_quantizer(self, cfg, name: str, module, bits: int):
+        """The input quantizer of quantized module `name` (cfg.act_bits set)."""
+        return ActQuantizer(int(bits), elastic=self.elastic_act)
+
     def check(self, cfg) -> None:
         """Method-specific config checks beyond the declared facts (ConfigError naming the key)."""
 
     def distill_stages(self, cfg, bits: int) -> list[int]:
         """Bits of each distillation stage (QAT methods); each stage is taught by the previous one."""
         return [int(bits)]
+
+    # A stage's student starts from the previous stage's student (its latent weights), or from the
+    # full-precision upstream every time (BiT's released scripts: the student is always the FP checkpoint).
+    stage_start: ClassVar[str] = "previous"  # previous | full_precision
+
+    def distill_plan(self, cfg, bits: int) -> list[tuple[int, object]]:
+        """(weight bits, the stage's config) of each distillation stage; distill_stages with the run's config
+        unless a stage changes more than the weight bits (BiT's chain through activation bits)."""
+        return [(b, cfg) for b in self.distill_stages(cfg, bits)]
 
     def storage_form(self, quantizer, latent):
         """A quantizer with the same codes whose parameters are stored values (buffers the packed file holds

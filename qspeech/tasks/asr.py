@@ -6,6 +6,12 @@ bidirectional with dropout 0.2 after each layer, Linear projection 1024 in front
 time warp 5, 4 frequency masks of width <= 50, 2 time masks of width <= 40, Adam 1e-4, grad clip 1,
 200k steps, eval every 2k) and `s3prl/downstream/asr/model.py` (RNNLayer: pack -> LSTM -> dropout; here
 qspeech.tasks.rnn's BiLSTM, the same function on padded batches, faster on CPU).
+
+task.s3prl_exact (on for task=asr) evaluates as s3prl's SUPERB runner does (run_downstream.py with
+downstream/asr/config.yaml, eval_batch_size 1): every dev/test utterance through the upstream and the head
+alone, and frame lengths cut as its Featurizer cuts them (s3prl/upstream/interfaces.py Featurizer.tolist:
+round(samples / downsample_rate), at most the frames computed). task.vocab=s3prl is that runner's dictionary
+and specaug.max_width_exclusive its SpecAugment draw (s3prl/downstream/specaug.py).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -26,13 +32,14 @@ from torch import nn
 
 from qspeech.checks import choice, integer, need, number
 from qspeech.errors import ConfigError, DataError
+from qspeech.quant.config import drop_neutral
 from qspeech.tasks.config import Task, TaskConfig
 from qspeech.tasks.ctc import greedy_decode
 from qspeech.tasks.metrics import TaskMetrics
 from qspeech.tasks.rnn import LSTM, BiLSTM
 from qspeech.tasks.metrics import cer as cer_fn
 from qspeech.tasks.metrics import wer as wer_fn
-from qspeech.tasks.vocab import CharVocab
+from qspeech.tasks.vocab import VOCABS, make_vocab
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +53,18 @@ class SpecAugConfig:
     num_freq_mask: int = 4
     time_mask_width: list[int] = field(default_factory=lambda: [0, 40])  # [min, max] frames per mask
     num_time_mask: int = 2
+    # Mask widths drawn from [min, max) as s3prl's SUPERB runner draws them (s3prl/downstream/specaug.py:
+    # randint(min, max)); false: [min, max] as s3prl.nn.specaug (randint(min, max + 1)), qspeech's earlier draw,
+    # kept by asr_small.
+    max_width_exclusive: bool = True
 
     def __post_init__(self):
         for k in ("freq_mask_width", "time_mask_width"):
             v = getattr(self, k)
             need(isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v)
                  and 0 <= v[0] <= v[1], k, v, "must be [min, max] integers with 0 <= min <= max")
+            need(not self.max_width_exclusive or v[0] < v[1] or v[1] == 0, k, v,
+                 "must have min < max when max_width_exclusive=true (widths are drawn from [min, max))")
         for k in ("num_freq_mask", "num_time_mask", "time_warp_window"):
             integer(self, k, 0)
 
@@ -80,10 +93,25 @@ class ASRConfig(TaskConfig):
     # to see what each layer holds (the README's diagnosis table).
     layer: int | None = None
     specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
+    # Evaluate as s3prl's SUPERB runner: each dev/test utterance alone through the upstream and the head (no
+    # padding reaches the CNN's first GroupNorm), frame lengths round(samples / 320) capped at the frames
+    # computed (training batches included). false: padded batches of train.eval_batch_size, the CNN's own
+    # output lengths (asr_small).
+    s3prl_exact: bool = True
+    # s3prl: s3prl's dictionary (fairseq's <s> <pad> </s> <unk> + char.dict, 32 symbols, targets ending '|' </s>);
+    # qspeech: 29 symbols (qspeech/tasks/vocab.py).
+    vocab: str = "s3prl"
+
+    # Fields added after runs were recorded, at the value that reproduces the earlier behaviour: left out of run
+    # folder names and head keys while they hold it (asr_small's keys did not change).
+    KEY_NEUTRAL: ClassVar[dict] = {"s3prl_exact": False, "vocab": "qspeech",
+                                   "specaug": {"max_width_exclusive": False}}
 
     def __post_init__(self):
         super().__post_init__()
         choice(self, "kind", ("asr",))
+        choice(self, "s3prl_exact", (True, False))
+        choice(self, "vocab", tuple(VOCABS))
         for k in ("project_dim", "hidden_size", "num_layers", "frame_stride"):
             integer(self, k, 1)
         number(self, "dropout", 0, 1, hi_open=True)
@@ -131,11 +159,16 @@ class SpecAugment(nn.Module):
         right = F.interpolate(x4[:, :, center:], (t - warped, x.shape[1]), mode="bicubic", align_corners=False)
         return torch.cat([left, right], dim=2)[0, 0]
 
+    def draw_widths(self, batch: int, num: int, width: Sequence[int], device=None) -> torch.Tensor:
+        """(batch, num) mask widths from [min, max) (max_width_exclusive, s3prl's SUPERB runner) or [min, max]."""
+        high = int(width[1]) + (0 if self.cfg.max_width_exclusive else 1)
+        return torch.randint(int(width[0]), high, (batch, num), device=device)
+
     def _mask(self, x: torch.Tensor, dim: int, width: Sequence[int], num: int) -> torch.Tensor:
         if num == 0 or width[1] == 0:
             return x
         B, size = x.shape[0], x.shape[dim]
-        lengths = torch.randint(int(width[0]), int(width[1]) + 1, (B, num), device=x.device).unsqueeze(2)
+        lengths = self.draw_widths(B, num, width, x.device).unsqueeze(2)
         pos = torch.randint(0, max(1, size - int(lengths.max())), (B, num), device=x.device).unsqueeze(2)
         ar = torch.arange(size, device=x.device)[None, None, :]
         mask = ((pos <= ar) & (ar < pos + lengths)).any(dim=1)  # (B, size)
@@ -194,6 +227,33 @@ class ASRHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- feature sources
+def s3prl_frame_lengths(wav_lens: torch.Tensor, downsample_rate: int, frames: int) -> torch.Tensor:
+    """Frame lengths as s3prl's Featurizer cuts features (s3prl/upstream/interfaces.py Featurizer.tolist:
+    f[:round(len(wav) / downsample_rate)]): Python's round (half to even), at most the `frames` computed.
+    For one utterance alone this is the CNN's own output length; in a padded batch a shorter utterance can
+    keep one more frame, computed partly over the padding."""
+    n = torch.round(wav_lens.detach().to("cpu", torch.float64) / int(downsample_rate)).to(torch.long)
+    return n.clamp(max=int(frames)).to(wav_lens.device)
+
+
+class S3PRLLengths:
+    """An upstream whose output lengths are s3prl_frame_lengths (task.s3prl_exact); everything else is the
+    upstream's."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+
+    def __getattr__(self, name):
+        return getattr(self.upstream, name)
+
+    def __call__(self, wavs: torch.Tensor, wav_lens: torch.Tensor):
+        from qspeech.upstream.model import UpstreamOutput
+
+        out = self.upstream(wavs, wav_lens)
+        frames = out.hidden_states[0].shape[1]
+        return UpstreamOutput(out.hidden_states, s3prl_frame_lengths(wav_lens, self.upstream.downsample_rate, frames))
+
+
 class CachedSource:
     """Hidden states from the on-disk feature cache."""
 
@@ -307,10 +367,11 @@ class CTCTask:
 
 
 class ASRTask(CTCTask):
-    """CTC over characters (CharVocab); dev WER (or CER: task.select_metric) picks the checkpoint."""
+    """CTC over characters (task.vocab); dev WER (or CER: task.select_metric) picks the checkpoint. With
+    task.s3prl_exact every split is evaluated one utterance at a time (s3prl's eval_batch_size 1)."""
 
     def __init__(self, model: ASRHead, sources: dict, cfg: ASRConfig, eval_batch_size: int = 16):
-        self.vocab = CharVocab()
+        self.vocab = make_vocab(cfg.vocab)
         targets = {s: [self.vocab.encode(u.text) for u in src.utts] for s, src in sources.items()}
         super().__init__(model, sources, targets, cfg.lr, self.vocab.blank, cfg.zero_infinity, eval_batch_size)
         self.cfg = cfg
@@ -338,17 +399,23 @@ def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
              if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
     # head 2: the resumable state holds rnn.BiLSTM's fwd/bwd parameters (1: nn.LSTM's); never resume across
-    blob = json.dumps({"upstream": upstream_key, "task": dataclasses.asdict(cfg.task), "train": train,
+    task = drop_neutral(dataclasses.asdict(cfg.task), getattr(type(cfg.task), "KEY_NEUTRAL", {}))
+    blob = json.dumps({"upstream": upstream_key, "task": task, "train": train,
                        "data": data_fps, "seed": cfg.seed, "head": 2}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def feature_sources(upstream, upstream_key: str, utts: dict, data_fps: dict, read_audio, cache_dir: Path, trcfg,
-                    device, progress: bool) -> tuple[dict, tuple[list, list] | None]:
+                    device, progress: bool, s3prl_exact: bool = False) -> tuple[dict, tuple[list, list] | None]:
     """Each split's frame features: CachedSource over the feature cache when it fits train.cache_max_gb (or
     train.cache_features=true), else LiveSource running the upstream. Returns the sources and, when cached,
-    (each split's cache status, its (utterances, upstream seconds)) for _metrics; None when live."""
+    (each split's cache status, its (utterances, upstream seconds)) for _metrics; None when live.
+    s3prl_exact: s3prl's frame lengths in every split, and every split but train through the upstream one
+    utterance at a time (cached under a key of their own)."""
     from qspeech import feature_cache
+
+    if s3prl_exact:
+        upstream, upstream_key = S3PRLLengths(upstream), f"{upstream_key}|s3prl_exact"
 
     est = sum(feature_cache.estimate_bytes(upstream, sum(u.duration_s for u in us)) for us in utts.values())
     use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
@@ -358,9 +425,11 @@ def feature_sources(upstream, upstream_key: str, utts: dict, data_fps: dict, rea
     sources, statuses, up_rates = {}, [], []
     for s in utts:
         if use_cache:
+            # batch_s=0: one utterance per upstream call (feature_cache._length_batches)
+            batch_s = 0.0 if s3prl_exact and s != "train" else trcfg.feature_batch_s
             store, st = feature_cache.load_or_build(
                 upstream, upstream_key, data_fps[s], utts[s], read_audio, cache_dir, device=device,
-                batch_s=trcfg.feature_batch_s, progress=progress, desc=f"upstream {s}")
+                batch_s=batch_s, progress=progress, desc=f"upstream {s}")
             statuses.append(st)
             if store.meta.get("upstream_utts_per_s"):
                 up_rates.append((len(store), len(store) / store.meta["upstream_utts_per_s"]))
@@ -411,10 +480,10 @@ def _run(cfg, tcfg, trcfg, upstream, run_dir, upstream_key, progress, on_step) -
 
     try:
         sources, cache = feature_sources(upstream, upstream_key, utts, data_fps, data.read_audio, cache_dir, trcfg,
-                                         device, progress)
+                                         device, progress, s3prl_exact=tcfg.s3prl_exact)
         seed_everything(int(cfg.seed))
-        model = ASRHead(upstream.num_hidden, upstream.hidden_size, len(CharVocab()), tcfg)
-        task = ASRTask(model, sources, tcfg, trcfg.eval_batch_size)
+        model = ASRHead(upstream.num_hidden, upstream.hidden_size, len(make_vocab(tcfg.vocab)), tcfg)
+        task = ASRTask(model, sources, tcfg, 1 if tcfg.s3prl_exact else trcfg.eval_batch_size)
         # the trained head depends on train/dev/test only: runs with and without eval_data share it
         key = _run_key(cfg, upstream_key, {s: data_fps[s] for s in splits})
         state_dir = Path(trcfg.ckpt_dir) if trcfg.ckpt_dir else cache_dir / "runs" / key

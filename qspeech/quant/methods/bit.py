@@ -1,7 +1,10 @@
-"""bit: BiT (Liu et al., arXiv 2205.13016). 1 bit = sign(W - mean W) * mean|W| per scale group (identity
-STE); 2 bits = an LSQ-style learned step; with act_bits, elastic binarization / quantization of the inputs
-(learned alpha, beta). Distilled layer-wise (MSE) from the full-precision upstream; at 1 bit through the
-chain full precision -> 2 bit -> 1 bit (each stage taught by, and started from, the previous model).
+"""bit: qspeech's weight-only BiT variant (Liu et al., arXiv 2205.13016). 1 bit = sign(W - mean W) * mean|W|
+per scale group (per output channel by default; STE through the centring and the scale); 2 bits = an LSQ-style
+learned step; with act_bits, elastic binarization / quantization of the inputs (learned scalar alpha, beta).
+Distilled layer-wise (MSE) from the full-precision upstream; at 1 bit through the chain full precision ->
+2-bit LSQ -> 1 bit (each stage taught by, and started from, the previous model): a chain over *weight* bits,
+the quantity the paper's storage and runtime accounting counts. BiT's own recipe (one scale per tensor, its
+elastic activation quantizer, the chain over activation bits) is quant=bit_exact (methods/bit_exact.py).
 Storage per scale group: mean |W| (1 bit) or the step (2 bits), +2 per tensor (alpha, beta) with act_bits.
 """
 
@@ -88,7 +91,7 @@ class Bit(QuantMethod):
     def make_weight_quantizer(self, cfg, w, bits):
         if bits == 1:
             return BinaryWeight(w, cfg.granularity, cfg.group_size)
-        return BitMultiWeight(w, bits, cfg.granularity, cfg.group_size)
+        return BitMultiWeight(w, bits, cfg.granularity, cfg.group_size, cfg.grad_scale_n)
 
     def scale_values(self, cfg, groups, bits):
         return groups + (2 if cfg.act_bits is not None else 0)
