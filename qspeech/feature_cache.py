@@ -163,7 +163,7 @@ def _clean_stale_tmp(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _length_batches(utts: Sequence, batch_s: float) -> list[list[int]]:
+def length_batches(utts: Sequence, batch_s: float) -> list[list[int]]:
     """Indices sorted by duration, packed so that padded audio per batch stays under batch_s."""
     order = sorted(range(len(utts)), key=lambda i: (utts[i].duration_s, utts[i].utt_id))
     batches, cur = [], []
@@ -214,7 +214,7 @@ def build(upstream, utts: Sequence, read_audio: Callable[[str], np.ndarray], pat
             shard_frames.append(off)
             pending, pending_bytes = [], 0
 
-        batches = _length_batches(utts, batch_s)
+        batches = length_batches(utts, batch_s)
         bar = tqdm(total=len(utts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
         for b in batches:
             wavs, ok, failed = read_waves(utts, b, read_audio)

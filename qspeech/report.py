@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from qspeech import paper
-from qspeech.atomic import write_text_atomic
+from qspeech.atomic import atomic_path, write_text_atomic
 from qspeech.errors import QSpeechError
 from qspeech.results import COST_FILE, RunResult, collect, load_results
+from qspeech.tasks.metrics import higher_is_better
 
 BENCH_FILE = "bench.json"
 VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits_3bit", 2: "nbits_2bit",
@@ -19,7 +20,8 @@ VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits
 
 KEY = ["model", "init", "quant", "bits", "task", "data"]
 COLUMNS = KEY + [
-    "overrides", "seeds", "n", "flags", "source", "status", "metric", "value", "value_std", "rise_pct",
+    "overrides", "seeds", "n", "flags", "source", "status", "metric", "higher_is_better", "value", "value_std",
+    "rise_pct", "majority_acc",
     "dev_value", "cer", "cer_std", "eval_data", "eval_value", "eval_cer", "skipped_audio", "storage_mb", "packed_mb", "est_runtime", "measured_speedup",
     "measured_vs_ort", "params", "quantized_params", "macs", "runtime_vs_teacher", "storage_vs_distil",
     "runtime_vs_distil", "metric_vs_distil", "error", "run_dir",
@@ -86,6 +88,13 @@ def _smoke(r: RunResult) -> bool:
         return False
 
 
+def _better_higher(metric: str | None, recorded: bool | None) -> bool | None:
+    """Whether a larger value is better: as the run recorded it, else as the metric's name says."""
+    if recorded is not None:
+        return bool(recorded)
+    return None if metric is None else higher_is_better(metric)
+
+
 def _row(r: RunResult) -> dict:
     m = r.metrics
     flags = [f for f, on in (("random init", r.init == "random"), ("smoke", _smoke(r))) if on]
@@ -101,7 +110,9 @@ def _row(r: RunResult) -> dict:
         "source": "qspeech",
         "status": r.status,
         "metric": r.metric,
+        "higher_is_better": _better_higher(r.metric, m and m.higher_is_better),
         "value": r.value,
+        "majority_acc": m and m.majority_acc,  # classification: the chance line (train's majority class)
         "dev_value": m and m.dev_value,
         "cer": m and m.cer,
         # the head scored on a second data set (eval_data=...), in the task's metric
@@ -167,7 +178,7 @@ def _aggregate(members: list[dict]) -> dict:
     out["run_dir"] = ";".join(str(r["run_dir"]) for r in members)
     for col in ("value", "cer"):
         out[col], out[f"{col}_std"] = _mean_std([r[col] for r in members])
-    for col in ("dev_value", "eval_value", "eval_cer", "storage_mb", "packed_mb", "est_runtime"):
+    for col in ("dev_value", "eval_value", "eval_cer", "storage_mb", "packed_mb", "est_runtime", "majority_acc"):
         out[col] = _mean_std([r[col] for r in members])[0]
     return out
 
@@ -209,7 +220,8 @@ def _add_rise(rows: list[dict]) -> None:
 
 def _paper_rows() -> list[dict]:
     return [{**p, "init": "pretrained", "data": "librispeech", "source": paper.SOURCE, "status": "published",
-             "overrides": "", "flags": "", "n": 1, "_config": {}} for p in paper.ROWS]
+             "higher_is_better": _better_higher(p["metric"], None), "overrides": "", "flags": "", "n": 1,
+             "_config": {}} for p in paper.ROWS]
 
 
 def build_table(results: list[RunResult]) -> pd.DataFrame:
@@ -368,6 +380,107 @@ def render_markdown(table: pd.DataFrame, problems: list[str]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- the SUPERB-style table
+# SUPERB's column order (Yang et al. 2021, Table 2: PR, KS, IC, SID, ..., ASR); other tasks follow by name.
+SUPERB_ORDER = ("pr", "ks", "ic", "sid", "asr")
+SUPERB_CAPTION = (
+    "One column per task: its test metric in percent (↑ higher is better, ↓ lower is better), mean ± sample std "
+    "over seeds where there are several; rows per upstream x quantizer x bits (quantized modules in brackets). "
+    "Storage MB and est. runtime as above (runtime vs teacher: relative to the full-precision teacher's MACs). "
+    "chance: the test accuracy of always answering the training split's most frequent class. Failed runs are "
+    "listed under the main table."
+)
+_ROW_KEY = ["model", "init", "quant", "bits", "overrides", "flags"]
+
+
+def _task_order(task: str) -> tuple:
+    kind = str(task).split("_")[0]
+    return (SUPERB_ORDER.index(kind) if kind in SUPERB_ORDER else len(SUPERB_ORDER), str(task))
+
+
+def _task_columns(ours: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(column name, task, data) per task of our runs, in SUPERB's order; a task run on several data sets
+    gets a column per data set, named `task (data)`."""
+    pairs = sorted({(t, d) for t, d in zip(ours["task"], ours["data"])}, key=lambda p: (_task_order(p[0]), p[1]))
+    many = {t for t, _ in pairs if sum(1 for u, _ in pairs if u == t) > 1}
+    return [(f"{t} ({d})" if t in many else t, t, d) for t, d in pairs]
+
+
+def superb_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Our runs as SUPERB reports them: one row per upstream x quantizer x bits (and the overrides and flags
+    that set a row apart), one column per task with its test metric (`<task>.value`, `.value_std`, `.n`,
+    `.metric`, `.higher_is_better`, `.chance`, or `.status` where the task has only failed runs), storage and
+    estimated runtime beside. Empty when our runs cover one ASR task only: the main table is that table."""
+    ours = table[table["source"] == "qspeech"].copy()
+    ours[["overrides", "flags"]] = ours[["overrides", "flags"]].fillna("")
+    if ours.empty or (ours["task"].nunique() == 1 and set(ours["metric"].dropna()) <= {"wer"}):
+        return pd.DataFrame()
+    columns = _task_columns(ours)
+    rows: dict[tuple, dict] = {}
+    for _, r in ours.iterrows():
+        row = rows.setdefault(tuple(r[k] for k in _ROW_KEY), {k: r[k] for k in _ROW_KEY})
+        name = next(c for c, t, d in columns if (t, d) == (r["task"], r["data"]))
+        if r["status"] != "ok":
+            row.setdefault(f"{name}.status", r["status"])  # shown only where the task has no finished run
+            continue
+        for col in ("storage_mb", "est_runtime", "runtime_vs_teacher"):
+            if _num(row.get(col)) is None:  # the upstream's cost: the same for every task it ran
+                row[col] = r[col]
+        row |= {f"{name}.{k}": r[v] for k, v in (("metric", "metric"), ("higher_is_better", "higher_is_better"),
+                                                  ("value", "value"), ("value_std", "value_std"), ("n", "n"),
+                                                  ("chance", "majority_acc"))}
+        row[f"{name}.status"] = "ok"
+
+    def order(row: dict) -> tuple:  # the teacher and its quantized versions, then DistilHuBERT, then FBANK
+        no_upstream = _num(row.get("storage_mb")) == 0.0
+        return (no_upstream, "distil" in str(row["model"]), str(row["model"]), row["init"] != "pretrained",
+                str(row["init"]), -int(row["bits"]), row["quant"] != "fp", str(row["quant"]), str(row["overrides"]),
+                str(row["flags"]))
+
+    cols = _ROW_KEY + ["storage_mb", "est_runtime", "runtime_vs_teacher"] + [
+        f"{c}.{k}" for c, _, _ in columns
+        for k in ("metric", "higher_is_better", "value", "value_std", "n", "chance", "status")]
+    return pd.DataFrame(sorted(rows.values(), key=order), columns=cols)
+
+
+def render_superb(sup: pd.DataFrame) -> str:
+    """The SUPERB-style table as a markdown section, with a chance row for the classification tasks."""
+    from tabulate import tabulate
+
+    tasks = [c[: -len(".status")] for c in sup.columns if c.endswith(".status")]
+    heads, chance = [], []
+    for t in tasks:
+        metric = sup[f"{t}.metric"].dropna()
+        metric = str(metric.iloc[0]) if len(metric) else "metric"
+        hib = sup[f"{t}.higher_is_better"].dropna()
+        arrow = "" if not len(hib) else (" ↑" if bool(hib.iloc[0]) else " ↓")
+        heads.append(f"{t} {metric.upper()}{' %' if metric in UNITS else ''}{arrow}")
+        chance.append(_fmt(_mean_std(list(sup[f"{t}.chance"]))[0]))
+    extra = [c for c in ("overrides", "flags") if sup[c].astype(str).str.len().any()]
+    body = []
+    for _, r in sup.iterrows():
+        upstream = r["model"] if r["init"] == "pretrained" else f"{r['model']} ({r['init']} init)"
+        cells = [upstream, r["quant"], str(int(r["bits"]))] + [str(r[c]) for c in extra] + [
+            _fmt(r["storage_mb"]), _fmt(r["est_runtime"], 3), _fmt(r["runtime_vs_teacher"], 3)]
+        for t in tasks:
+            status = r[f"{t}.status"]
+            if status == "ok":
+                cells.append(_with_std({"value": r[f"{t}.value"], "value_std": r[f"{t}.value_std"],
+                                        "n": r[f"{t}.n"]}, "value"))
+            else:
+                cells.append("" if pd.isna(status) else str(status))
+        body.append(cells)
+    if any(chance):
+        body.append(["chance (majority class)", "", ""] + [""] * len(extra) + ["", "", ""] + chance)
+    headers = ["upstream", "quant", "bits", *extra, "storage MB", "est. runtime", "runtime vs teacher", *heads]
+    keep = [i for i, h in enumerate(headers) if h not in ("est. runtime", "runtime vs teacher")
+            or any(row[i] for row in body)]  # runtime vs teacher needs the runs' MAC counts
+    body = [[row[i] for i in keep] for row in body]
+    return "\n".join(["## SUPERB tasks: our runs, one column per task", "", SUPERB_CAPTION, "",
+                      tabulate(body, headers=[headers[i] for i in keep], tablefmt="github", disable_numparse=True),
+                      ""])
+
+
 def _ylabel(part: pd.DataFrame) -> str:
     metric = str(part["metric"].dropna().iloc[0]) if part["metric"].notna().any() else "metric"
     unit = UNITS.get(metric)
@@ -416,16 +529,15 @@ def _draw_panel(ax, part: pd.DataFrame, x: str) -> None:
         ax.annotate("32b", (float(r[x]), float(r["value"])), fontsize=7, xytext=(3, 3), textcoords="offset points")
 
 
+def _ok_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["status"].isin(["ok", "published"]) & table["value"].notna()]
+
+
 def plot(table: pd.DataFrame, path: Path) -> Path | None:
     """WER against storage and against estimated runtime: one row of panels per task and data of our runs,
     then the paper's. Seed aggregates carry their std as error bars; full-precision points are squares
     drawn on top of the curves that start at them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = table[table["status"].isin(["ok", "published"]) & table["value"].notna()]
+    ok = _ok_rows(table)
     if ok.empty:
         return None
     panels = [(f"Our runs: task {t}, data {d}", part) for (t, d), part in
@@ -433,14 +545,43 @@ def plot(table: pd.DataFrame, path: Path) -> Path | None:
     pub = ok[ok["source"] == paper.SOURCE]
     panels += [(f"Published (Yeh et al. 2023): task {t}, data {d} (test-clean)", part)
                for (t, d), part in pub.groupby(["task", "data"], sort=True)]
+    return _draw_figure(panels, path)
+
+
+def plot_superb(table: pd.DataFrame, path: Path) -> Path | None:
+    """The SUPERB table's plots: per task (SUPERB's order) its metric against storage and against estimated
+    runtime, our runs only, with the chance line (majority class) of the classification tasks."""
+    ok = _ok_rows(table)
+    ours = ok[ok["source"] == "qspeech"]
+    if ours.empty:
+        return None
+    panels = []
+    for name, t, d in _task_columns(ours):
+        part = ours[(ours["task"] == t) & (ours["data"] == d)]
+        hib = part["higher_is_better"].dropna()
+        better = "" if hib.empty else f" ({'higher' if bool(hib.iloc[0]) else 'lower'} is better)"
+        panels.append((f"task {t}, data {d}: {_ylabel(part)}{better}", part))
+    return _draw_figure(panels, path, chance=True)
+
+
+def _draw_figure(panels: list[tuple[str, pd.DataFrame]], path: Path, chance: bool = False) -> Path:
+    """One row of two panels (metric against storage, against runtime) per (title, rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(len(panels), 2, figsize=(15, 4.2 * len(panels)), squeeze=False)
     axes_spec = [("storage_mb", "storage (MB)"),
                  ("runtime_vs_teacher", "est. runtime (relative to the full-precision teacher)")]
     for row_i, (title, part) in enumerate(panels):
         part = part.assign(runtime_vs_teacher=part["runtime_vs_teacher"].fillna(part["est_runtime"]))
+        level = _mean_std(list(part["majority_acc"]))[0] if chance else None
         for col_i, (x, xlabel) in enumerate(axes_spec):
             ax = axes[row_i][col_i]
             _draw_panel(ax, part, x)
+            if level is not None:
+                ax.axhline(level, linestyle=":", color="red", linewidth=1, label="chance (majority class)")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(_ylabel(part))
             ax.set_title(title, fontsize=10)
@@ -449,7 +590,8 @@ def plot(table: pd.DataFrame, path: Path) -> Path | None:
             if col_i == 1:
                 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a reader never sees half a picture
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -500,7 +642,15 @@ def make_report(outputs: str | Path = "outputs") -> dict:
         markdown += ("\n## Accounting (`qspeech cost`) beside the paper's estimates\n\n"
                      + tabulate(costs_df.fillna("").values.tolist(), headers=list(costs_df.columns), tablefmt="github")
                      + "\n")
+    sup = superb_table(table)
+    sup_csv = sup_png = None
+    if not sup.empty:
+        sup_csv, sup_png = outputs / "superb.csv", outputs / "superb.png"
+        write_text_atomic(sup_csv, sup.to_csv(index=False))
+        markdown += "\n" + render_superb(sup) + f"\nPlots: `{sup_png.name}` (per task, against storage and runtime).\n"
     write_text_atomic(md_path, markdown)
     png = plot(table, png_path)
+    if sup_png is not None:
+        sup_png = plot_superb(table, sup_png)
     return {"csv": csv_path, "markdown": md_path, "plot": png, "runs": len(results), "problems": problems,
-            "table": table}
+            "table": table, "superb": sup, "superb_csv": sup_csv, "superb_plot": sup_png}

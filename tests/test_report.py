@@ -265,3 +265,125 @@ def test_second_test_set_and_skipped_audio_columns(tmp_path):
     assert row["eval_value"] == 122.0 and row["eval_cer"] == 70.5
     md = rep["markdown"].read_text()
     assert "eval_value" in md and "skipped_audio" in md
+
+
+# ------------------------------------------------------------------ the SUPERB-style table
+SUPERB_TASKS = {"pr_small": "per", "ks_small": "acc", "sid_small": "acc", "ic_small": "acc"}
+
+
+def _superb_run(out, name, model, task, bits, value, quant="rtn", seed=0, chance=None, storage=None, status="ok"):
+    metric = SUPERB_TASKS[task]
+    storage = (0.0 if model == "fbank" else 10.0 * bits / 32 + 1) if storage is None else storage
+    res = {"model": model, "init": "pretrained", "quant": quant, "targets": ["linear", "cnn"], "bits": bits,
+           "task": task, "data": "mini", "status": status, "storage_mb": storage, "est_runtime": 0.2 + bits / 40,
+           "finished": "2026-01-01T00:00:00",
+           "config": {"model": {"name": model}, "quant": {"method": quant, "targets": ["linear", "cnn"]},
+                      "task": {"name": task, "kind": task.split("_")[0]}, "data": {"name": "mini"},
+                      "train": {"max_steps": 1500}, "bits": bits, "seed": seed}}
+    if status == "ok":
+        res |= {"metric": metric, "value": value,
+                "metrics": {"metric": metric, "value": value, "higher_is_better": metric == "acc",
+                            **({"majority_acc": chance} if chance is not None else {})}}
+    else:
+        res["error"] = f"DataError: {name} broke"
+    write_json_atomic(out / "run" / name / "result.json", res)
+
+
+def _superb_outputs(tmp_path):
+    """The suite's shape: tiny_hubert at 32/2/1 bits (rtn and bit), tiny_distilhubert and FBANK, four tasks."""
+    out = tmp_path / "outputs"
+    values = {  # task -> (fp, rtn2, bit2, rtn1, bit1, distil, fbank)
+        "pr_small": (20.0, 30.0, 25.0, 60.0, 40.0, 24.0, 50.0),
+        "ks_small": (95.0, 80.0, 90.0, 40.0, 70.0, 93.0, 60.0),
+        "sid_small": (70.0, 50.0, 60.0, 10.0, 30.0, 65.0, 20.0),
+        "ic_small": (80.0, 60.0, 70.0, 20.0, 50.0, 75.0, 30.0),
+    }
+    chance = {"pr_small": None, "ks_small": 8.33, "sid_small": 2.5, "ic_small": 3.75}
+    for task, (fp, r2, b2, r1, b1, distil, fbank) in values.items():
+        c = chance[task]
+        _superb_run(out, f"fp_{task}", "tiny_hubert", task, 32, fp, chance=c)
+        _superb_run(out, f"rtn2_{task}", "tiny_hubert", task, 2, r2, chance=c)
+        _superb_run(out, f"bit2_{task}", "tiny_hubert", task, 2, b2, quant="bit", chance=c)
+        _superb_run(out, f"rtn1_{task}", "tiny_hubert", task, 1, r1, chance=c)
+        _superb_run(out, f"bit1_{task}", "tiny_hubert", task, 1, b1, quant="bit", chance=c)
+        _superb_run(out, f"distil_{task}", "tiny_distilhubert", task, 32, distil, storage=4.28, chance=c)
+        _superb_run(out, f"fbank_{task}", "fbank", task, 32, fbank, chance=c)
+    return out
+
+
+def test_superb_table_has_a_column_per_task_and_a_row_per_upstream_method_bits(tmp_path):
+    out = _superb_outputs(tmp_path)
+    _superb_run(out, "fp_ks_seed1", "tiny_hubert", "ks_small", 32, 97.0, seed=1, chance=8.33)  # a second seed
+    rep = make_report(out)
+    sup = pd.read_csv(rep["superb_csv"])
+    # rows: the teacher at 32, 2, 1 bits (fp first, then rtn/bit by name), then DistilHuBERT, then FBANK
+    assert list(zip(sup.model, sup.quant, sup.bits)) == [
+        ("tiny_hubert", "fp", 32), ("tiny_hubert", "bit[linear+cnn]", 2), ("tiny_hubert", "rtn[linear+cnn]", 2),
+        ("tiny_hubert", "bit[linear+cnn]", 1), ("tiny_hubert", "rtn[linear+cnn]", 1),
+        ("tiny_distilhubert", "fp", 32), ("fbank", "fp", 32)]
+    tasks = [c[: -len(".value")] for c in sup.columns if c.endswith(".value")]
+    assert tasks == ["pr_small", "ks_small", "ic_small", "sid_small"]  # SUPERB's order: PR, KS, IC, SID
+    by = sup.set_index(["model", "quant", "bits"])
+    assert by.loc[("tiny_hubert", "bit[linear+cnn]", 1), "pr_small.value"] == 40.0
+    assert by.loc[("tiny_hubert", "rtn[linear+cnn]", 2), "sid_small.value"] == 50.0
+    assert by.loc[("fbank", "fp", 32), "ic_small.value"] == 30.0 and by.loc[("fbank", "fp", 32), "storage_mb"] == 0
+    assert by.loc[("tiny_distilhubert", "fp", 32), "storage_mb"] == 4.28
+    fp = by.loc[("tiny_hubert", "fp", 32)]
+    assert fp["ks_small.value"] == 96.0 and fp["ks_small.value_std"] == pytest.approx(2 ** 0.5) and fp["ks_small.n"] == 2
+    assert fp["pr_small.n"] == 1 and fp["storage_mb"] == 11.0 and fp["est_runtime"] == pytest.approx(1.0)
+    assert fp["pr_small.metric"] == "per" and not fp["pr_small.higher_is_better"] and fp["ks_small.higher_is_better"]
+    assert fp["ks_small.chance"] == 8.33 and pd.isna(fp["pr_small.chance"])
+
+    md = rep["markdown"].read_text()
+    section = md[md.index("## SUPERB tasks"):]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ")]
+    assert cells[0][-4:] == ["pr_small PER % ↓", "ks_small ACC % ↑", "ic_small ACC % ↑", "sid_small ACC % ↑"]
+    assert cells[1][:3] == ["tiny_hubert", "fp", "32"]
+    assert cells[1][-4:] == ["20.00", "96.00 ± 1.41 (n=2)", "80.00", "70.00"]
+    assert cells[-2][:3] == ["fbank", "fp", "32"]
+    assert cells[-1][0] == "chance (majority class)" and cells[-1][-4:] == ["", "8.33", "3.75", "2.50"]
+    assert "## Our runs" in md  # the main table is still there, before it
+    assert rep["superb_plot"] is not None and rep["superb_plot"].stat().st_size > 0
+
+
+def test_superb_table_marks_tasks_that_only_failed_and_lists_nothing_for_asr_alone(tmp_path):
+    out = tmp_path / "outputs"
+    _superb_run(out, "fp_ks", "tiny_hubert", "ks_small", 32, 95.0, chance=8.33)
+    _superb_run(out, "fp_pr", "tiny_hubert", "pr_small", 32, None, status="failed")
+    _superb_run(out, "q_pr", "tiny_hubert", "pr_small", 2, 30.0)
+    _superb_run(out, "q_pr_failed_again", "tiny_hubert", "ks_small", 2, None, status="failed")
+    sup = make_report(out)["superb"].set_index("bits")
+    assert sup.loc[32, "pr_small.status"] == "failed" and pd.isna(sup.loc[32, "pr_small.value"])
+    assert sup.loc[32, "ks_small.status"] == "ok" and sup.loc[2, "ks_small.status"] == "failed"
+    assert sup.loc[2, "pr_small.value"] == 30.0
+
+    asr_only = tmp_path / "asr"
+    write_json_atomic(asr_only / "r1" / "result.json", _result("tiny_hubert", 32, 20.0))
+    write_json_atomic(asr_only / "r2" / "result.json", _result("tiny_hubert", 2, 40.0))
+    rep = make_report(asr_only)
+    assert rep["superb"].empty and rep["superb_csv"] is None and rep["superb_plot"] is None
+    assert "## SUPERB tasks" not in rep["markdown"].read_text() and not (asr_only / "superb.csv").exists()
+
+
+def test_superb_plot_has_a_row_per_task_with_its_metric_and_chance_line(tmp_path):
+    from qspeech.report import plot_superb
+
+    table = make_report(_superb_outputs(tmp_path))["table"]
+    import matplotlib.pyplot as plt
+
+    titles, lines = [], []
+    orig_title, orig_hline = plt.Axes.set_title, plt.Axes.axhline
+    try:
+        plt.Axes.set_title = lambda ax, t, **kw: (titles.append(t), orig_title(ax, t, **kw))[1]
+        plt.Axes.axhline = lambda ax, y=0, **kw: (lines.append((y, kw.get("label"))), orig_hline(ax, y, **kw))[1]
+        plot_superb(table, tmp_path / "s.png")
+    finally:
+        plt.Axes.set_title, plt.Axes.axhline = orig_title, orig_hline
+    assert titles[::2] == ["task pr_small, data mini: PER (%) (lower is better)",
+                           "task ks_small, data mini: ACC (%) (higher is better)",
+                           "task ic_small, data mini: ACC (%) (higher is better)",
+                           "task sid_small, data mini: ACC (%) (higher is better)"]
+    chance = sorted({y for y, label in lines if label == "chance (majority class)"})
+    assert chance == [2.5, 3.75, 8.33]
+    assert sorted({y for y, label in lines if label == "fbank (no upstream)"}) == [20.0, 30.0, 50.0, 60.0]

@@ -39,7 +39,8 @@ from qspeech.data.config import SPLITS, DataConfig, MiniConfig
 from qspeech.data.text import normalize_text, number_to_words
 from qspeech.errors import ConfigError, DataError
 
-__all__ = ["GENERATOR_VERSION", "mini_root", "corpus_hash", "ensure_split", "speaker_table", "make_sentence"]
+__all__ = ["GENERATOR_VERSION", "SHARD_SIZE", "mini_root", "corpus_hash", "ensure_split", "speaker_table",
+           "make_sentence", "run_shards", "default_workers"]
 
 # Bump when generation changes so that old caches are not reused.
 GENERATOR_VERSION = 1
@@ -317,7 +318,7 @@ def _worker_cmd(out_dir: Path) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "qspeech.data.mini", str(out_dir)], env
 
 
-def _run_shards(out_dir: Path, shards: list[list[dict]], workers: int, desc: str, progress: bool) -> list[dict]:
+def run_shards(out_dir: Path, shards: list[list[dict]], workers: int, desc: str, progress: bool) -> list[dict]:
     """Synthesize each shard in its own fresh interpreter (eSpeak state never crosses shards), `workers` at a time.
 
     Plain subprocesses rather than multiprocessing: nothing of the caller (its __main__, threads, torch) is
@@ -367,7 +368,8 @@ def _run_shards(out_dir: Path, shards: list[list[dict]], workers: int, desc: str
     return [row for shard in results for row in shard]  # type: ignore[union-attr]
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """How many synthesis processes run at once by default: the CPUs this process may use, at most 2."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
@@ -420,8 +422,8 @@ def ensure_split(cfg: DataConfig, split: str, cache_dir, progress: bool = True) 
         tmp.mkdir()
         try:
             shards = [jobs[i: i + SHARD_SIZE] for i in range(0, len(jobs), SHARD_SIZE)]
-            workers = min(cfg.mini.workers or _default_workers(), max(1, len(shards)))
-            rows = _run_shards(tmp, shards, workers, f"synthesizing mini/{split}", progress) if shards else []
+            workers = min(cfg.mini.workers or default_workers(), max(1, len(shards)))
+            rows = run_shards(tmp, shards, workers, f"synthesizing mini/{split}", progress) if shards else []
             _write_split_files(tmp, split, rows, speakers[split])
             os.rename(tmp, final)
         except BaseException:

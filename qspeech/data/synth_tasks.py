@@ -195,15 +195,15 @@ def _silence(out: Path, job: dict) -> dict:
 
 
 def _build(task: str, cfg: SynthConfig, split: str, tmp: Path, progress: bool) -> list[dict]:
-    from qspeech.data.mini import SHARD_SIZE, _default_workers, _run_shards
+    from qspeech.data.mini import SHARD_SIZE, default_workers, run_shards
 
     jobs = _plan(task, cfg, split, _speakers(task, cfg)[split])
     speech = [j for j in jobs if j["text"]]
     rows = {r["utt_id"]: r for r in (_silence(tmp, j) for j in jobs if not j["text"])}
     shards = [speech[i: i + SHARD_SIZE] for i in range(0, len(speech), SHARD_SIZE)]
-    workers = min(cfg.workers or _default_workers(), max(1, len(shards)))
+    workers = min(cfg.workers or default_workers(), max(1, len(shards)))
     if shards:
-        rows.update({r["utt_id"]: r for r in _run_shards(tmp, shards, workers, f"synthesizing {task}/{split}",
+        rows.update({r["utt_id"]: r for r in run_shards(tmp, shards, workers, f"synthesizing {task}/{split}",
                                                          progress)})
     return [{**j, "duration_s": rows[j["utt_id"]]["duration_s"]} for j in jobs]
 

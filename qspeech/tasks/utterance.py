@@ -111,7 +111,7 @@ def _pooled_split(upstream, upstream_key, data_fp, utts, read, cache_dir, trcfg,
     import time
 
     out, kept, skipped, secs = [], [], [], 0.0
-    for batch in feature_cache._length_batches(utts, trcfg.feature_batch_s):
+    for batch in feature_cache.length_batches(utts, trcfg.feature_batch_s):
         wavs, ok, failed = feature_cache.read_waves(utts, batch, read)
         skipped += [p for p, _ in failed]
         if ok:
