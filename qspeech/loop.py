@@ -180,13 +180,13 @@ class _Run:
         self.job, self.cfg = job, cfg
         self.base_lrs = [g["lr"] for g in job.optimizer.param_groups]  # before a resumed state changes them
         self.step, self.wall_s, self.step_s, self.items = 0, 0.0, 0.0, 0
+        self.avg, self.last = _Averager(), {}
         self.resumed_from = self._resume()
         if self.resumed_from is None:
             self.resumed_from = 0
             if cfg.seed is not None:
                 seed_everything(cfg.seed)
         self.t_start = time.perf_counter()
-        self.avg, self.last = _Averager(), {}
         self.logger = cfg.logger if cfg.logger is not None else loggers.active()
         self.prefix = cfg.log_prefix or (cfg.desc.split() or ["train"])[0]
 
@@ -213,6 +213,9 @@ class _Run:
         set_rng_state(state["rng"])
         self.step, self.wall_s = int(state["step"]), float(state["wall_s"])
         self.step_s, self.items = float(state.get("step_s", 0.0)), int(state.get("items", 0))
+        # the log interval the checkpoint fell inside: its first log after resuming averages the same steps
+        interval = state.get("log_interval") or {}
+        self.avg.sums, self.avg.n = dict(interval.get("sums", {})), int(interval.get("n", 0))
         job.load(state)
         return self.step
 
@@ -252,7 +255,8 @@ class _Run:
         job = self.job
         torch_save_atomic({"version": STATE_VERSION, "model": job.model.state_dict(),
                            "optimizer": job.optimizer.state_dict(), "rng": rng_state(), "step": self.step,
-                           "wall_s": self.wall(), "step_s": self.step_s, "items": self.items, **job.state()},
+                           "wall_s": self.wall(), "step_s": self.step_s, "items": self.items,
+                           "log_interval": {"sums": dict(self.avg.sums), "n": self.avg.n}, **job.state()},
                           self.cfg.state_path)
 
     def after_step(self, out: Step, gnorm: float | None, bar) -> None:
