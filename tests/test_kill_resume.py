@@ -2,8 +2,8 @@
 every stage a run goes through (corpus synthesis, feature caching, head training, test evaluation, export,
 QAT distillation), the same command is rerun after each kill, and the run that finally finishes must equal
 an uninterrupted run of the same command exactly: result.json (WER, CER, dev numbers, layer weights,
-storage, MACs, ...), the predictions, the metrics history, cost.json, the packed upstream byte for byte and
-the head's tensors. Every kill leaves a stale run-folder lock that the rerun must take over, and a copy of
+storage, MACs, ...), the predictions, the metrics history and cost.json byte for byte, the packed upstream
+by content (safetensors writes its metadata map in a per-process order), and the head's tensors. Every kill leaves a stale run-folder lock that the rerun must take over, and a copy of
 an earlier finished run in the same outputs folder must stay byte-identical.
 
 Each kill is triggered by what the process writes (a temporary corpus or feature folder, a checkpoint, a
@@ -49,7 +49,10 @@ TIMEOUT_S = 420  # one invocation, on a loaded 2-core machine
 # had to do (cache hit, resumed step)
 VOLATILE = {"started", "finished", "timings", "git_commit", "packed_path"}
 VOLATILE_METRICS = {"train_wall_s", "upstream_utts_per_s", "train_utts_per_s", "feature_cache", "resumed_from_step"}
-BYTE_EQUAL = ["test_predictions.tsv", "metrics.csv", "cost.json", "upstream.packed.safetensors"]
+BYTE_EQUAL = ["test_predictions.tsv", "metrics.csv", "cost.json"]
+# safetensors writes its __metadata__ map in a per-process hash order, so two runs' packed files are compared
+# by content: the same metadata and bit-identical tensors
+PACKED = "upstream.packed.safetensors"
 
 
 # ------------------------------------------------------------------------------------------ harness
@@ -102,7 +105,8 @@ class Where:
     before: set = field(default_factory=set)
 
     def entries(self, pattern: str, root: Path | None = None) -> list[Path]:
-        return sorted((root or self.cache).glob(pattern))
+        """Matches under root (the cache by default), never inside the earlier run's copy."""
+        return sorted(p for p in (root or self.cache).glob(pattern) if self.other_run not in p.parts)
 
     def snapshot(self) -> set:
         out = set()
@@ -118,7 +122,7 @@ class Where:
         """Entries matching `pattern` that appeared (or were replaced) since the invocation started."""
         root = self.cwd if pattern.startswith("outputs") else self.cache
         found = []
-        for p in root.glob(pattern):
+        for p in self.entries(pattern, root):
             try:
                 if (str(p), p.stat().st_ino) not in self.before:
                     found.append(p)
@@ -320,6 +324,16 @@ def comparable(result: dict) -> dict:
     return out
 
 
+def assert_same_packed(a: Path, b: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys())
+        for k in fa.keys():
+            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb), f"packed tensor {k} differs"
+
+
 def assert_same_run(base: Path, resumed: Path) -> None:
     """The resumed run's folder equals the uninterrupted one's in every number and output."""
     a, b = (json.loads((d / "result.json").read_text()) for d in (base, resumed))
@@ -327,6 +341,7 @@ def assert_same_run(base: Path, resumed: Path) -> None:
     assert comparable(a) == comparable(b)
     for name in BYTE_EQUAL:
         assert (base / name).read_bytes() == (resumed / name).read_bytes(), f"{name} differs"
+    assert_same_packed(base / PACKED, resumed / PACKED)
     ha, hb = (torch.load(d / "downstream.pt", map_location="cpu", weights_only=True) for d in (base, resumed))
     assert ha["best_step"] == hb["best_step"] and ha["model"].keys() == hb["model"].keys()
     for k in ha["model"]:
