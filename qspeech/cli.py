@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import qspeech.pretrain.config  # noqa: F401 - registers the pretrain / distill schemas
+import qspeech.search.config  # noqa: F401 - registers the search schema and its folder name
 from qspeech.checks import describe
 from qspeech.config import CONF_DIR, GROUPS, RunConfig, group_options, to_typed
 from qspeech.errors import ConfigError, QSpeechError
@@ -39,6 +40,8 @@ commands:
   report     collect outputs/**/result.json into outputs/results.csv, report.md and report.png
   export     write the quantized upstream as a bit-packed safetensors file and check it reloads exactly
   bench      measured forward latency: torch fp32, onnxruntime fp32, bf16, int8, 4/2/1-bit packed kernels
+  search     bits per module under a storage or runtime budget (budget_mb=, budget_runtime=, budget_bits=)
+             -> a plan that `qspeech run` takes (mixed precision)
   data       build / check a dataset (the offline corpus is built on first use anyway)
   pretrain   HuBERT pretraining of tiny_hubert on the offline corpus
   distill    DistilHuBERT distillation of tiny_hubert into tiny_distilhubert
@@ -428,7 +431,8 @@ def _cmd_report(argv: list[str]) -> None:
     for problem in out["problems"]:
         print(f"qspeech: warning: {problem}", file=sys.stderr)
     print(Path(out["markdown"]).read_text())
-    print(f"{out['runs']} runs -> {out['csv']}, {out['markdown']}" + (f", {out['plot']}" if out["plot"] else ""))
+    written = [out["csv"], out["markdown"], out["plot"], out["superb_csv"], out["superb_plot"]]
+    print(f"{out['runs']} runs -> {', '.join(str(p) for p in written if p)}")
 
 
 def _cmd_assets(argv: list[str]) -> None:
@@ -443,6 +447,12 @@ def _cmd_demo(argv: list[str]) -> None:
     demo_main(argv)
 
 
+def _cmd_search(cfg, run_dir: Path):
+    from qspeech.search import main as search_main
+
+    return search_main(cfg, run_dir)
+
+
 # command -> (its primary config in conf/, the function that gets the typed config and the run folder)
 HYDRA_COMMANDS = {
     "run": ("config", _cmd_run),
@@ -452,6 +462,7 @@ HYDRA_COMMANDS = {
     "data": ("config", _cmd_data),
     "pretrain": ("pretrain", _cmd_pretrain),
     "distill": ("distill", _cmd_distill),
+    "search": ("search", _cmd_search),
 }
 PLAIN_COMMANDS = {"report": _cmd_report, "assets": _cmd_assets, "demo": _cmd_demo}
 

@@ -3,7 +3,9 @@
 tiny_hubert at 32/8/4/2/1 bits with rtn and with BiT-style QAT, its random-initialised twin, tiny_distilhubert
 and FBANK (log-mel features, no upstream: what pretraining adds), all on the ASR task of the synthesized
 corpus, each also scored on real human speech when ../shared/data/real-speech is present; then the report.
-`--seeds 3` adds seeds 1 and 2 of the full-precision, rtn 2-bit and QAT 2/1-bit rows (mean +- std).
+Two mixed-precision rows: `qspeech search` allots bits per module at the storage of uniform 2-bit (rtn, and
+bit's QAT), then those plans run like the other rows.
+`--seeds 3` adds seeds 1 and 2 of the full-precision, 2-bit, 1-bit and searched rows (mean +- std).
 Jobs run as separate `qspeech run` processes (two at a time, one thread each: on two cores that beats one job
 with two threads). Rerunning reuses everything: each experiment's folder, trained head, features, QAT cache."""
 
@@ -22,7 +24,11 @@ from qspeech.errors import QSpeechError
 COMMON = ["experiment=demo"]
 # The rows whose spread over seeds the study reports (`--seeds N`: seeds 1..N-1 are added to seed 0).
 SEEDED = ("tiny_hubert full precision", "tiny_hubert rtn 2-bit", "tiny_hubert bit (QAT) 2-bit",
-          "tiny_hubert bit (QAT) 1-bit")
+          "tiny_hubert bit (QAT) 1-bit", "tiny_hubert rtn searched (2-bit storage)",
+          "tiny_hubert bit (QAT) searched (2-bit storage)")
+# `qspeech search` plans (name -> overrides): the storage of uniform 2-bit, the demo's quantized modules; bit's
+# QAT has 1 and 2 bits, and 32 lets the search keep a sensitive module at full precision.
+SEARCHES = {"demo_rtn_b2": ["quant=rtn"], "demo_bit_b2": ["quant=bit", "search.bits=[1,2,32]"]}
 STUDY: list[tuple[str, list[str]]] = [
     ("tiny_hubert full precision", ["bits=32"]),
     *[(f"tiny_hubert rtn {b}-bit", ["quant=rtn", f"bits={b}"]) for b in (8, 4, 2, 1)],
@@ -30,6 +36,8 @@ STUDY: list[tuple[str, list[str]]] = [
     ("tiny_hubert random init", ["model.init=random", "bits=32"]),
     ("tiny_distilhubert full precision", ["model=tiny_distilhubert", "bits=32"]),
     ("fbank (no upstream)", ["model=fbank", "bits=32"]),
+    ("tiny_hubert rtn searched (2-bit storage)", ["+quant_plan=demo_rtn_b2"]),
+    ("tiny_hubert bit (QAT) searched (2-bit storage)", ["+quant_plan=demo_bit_b2"]),
 ]
 
 
@@ -52,11 +60,25 @@ def jobs(seeds: int, real_speech: bool) -> list[tuple[str, list[str]]]:
     return [(label, [*ov, "eval_data=real_speech"] if real_speech else ov) for label, ov in out]
 
 
-def _run_job(label: str, overrides: list[str], log_dir: Path, threads: int) -> tuple[str, int, float, Path]:
+def search_commands(outputs: Path) -> list[tuple[str, list[str]]]:
+    """(plan name, `qspeech search` arguments) of each SEARCHES plan, on the demo's corpus and quantized modules
+    (read from conf/experiment/demo.yaml, so that the sensitivity pass reads the demo's own training audio)."""
+    from omegaconf import OmegaConf
+
+    from qspeech.config import CONF_DIR
+
+    demo = OmegaConf.load(CONF_DIR / "experiment" / "demo.yaml")
+    data = [f"data.mini.{k}={v}" for k, v in demo.data.mini.items()]
+    targets = f"quant.targets=[{','.join(demo.quant.targets)}]"
+    return [(name, ["search", "budget_bits=2", *ov, targets, *data, f"hydra.run.dir={outputs / 'search' / name}"])
+            for name, ov in SEARCHES.items()]
+
+
+def _run_job(label: str, args: list[str], log_dir: Path, threads: int) -> tuple[str, int, float, Path]:
+    """`qspeech <args>` (args[0] is the command) with `threads` torch threads, logged to log_dir/<label>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     exe = Path(sys.executable).parent / "qspeech"
-    cmd = [str(exe) if exe.exists() else "qspeech", "run", *COMMON, *overrides, f"train.num_threads={threads}",
-           "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    cmd = [str(exe) if exe.exists() else "qspeech", *args, "hydra/job_logging=none", "hydra/hydra_logging=none"]
     log = log_dir / (label.replace(" ", "_").replace("(", "").replace(")", "") + ".log")
     t = time.perf_counter()
     with open(log, "w") as f:
@@ -88,18 +110,27 @@ def main(argv: list[str]) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     real = real_speech_available()
+    outputs = Path(args.outputs).resolve()
     todo = jobs(args.seeds, real)
-    print(f"qspeech demo: {len(todo)} experiments, {args.jobs} at a time; logs in {log_dir}/"
-          + ("" if real else "; ../shared/data/real-speech not found: no real-speech column"), flush=True)
+    print(f"qspeech demo: {len(SEARCHES)} mixed-precision searches, then {len(todo)} experiments, {args.jobs} at a "
+          f"time; logs in {log_dir}/" + ("" if real else "; ../shared/data/real-speech not found: no real-speech column"),
+          flush=True)
     failed = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(_run_job, label, ov, log_dir, args.threads) for label, ov in todo]
-        for fut in as_completed(futures):
-            label, rc, secs, log = fut.result()
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {log})"
-            print(f"  [{time.perf_counter() - t0:6.0f} s] {label}: {status} in {secs:.0f} s", flush=True)
-            if rc != 0:
-                failed.append(label)
+
+    def run_all(batch: list[tuple[str, list[str]]]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(_run_job, label, a, log_dir, args.threads) for label, a in batch]
+            for fut in as_completed(futures):
+                label, rc, secs, log = fut.result()
+                status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {log})"
+                print(f"  [{time.perf_counter() - t0:6.0f} s] {label}: {status} in {secs:.0f} s", flush=True)
+                if rc != 0:
+                    failed.append(label)
+
+    run_all([(f"search {name}", a) for name, a in search_commands(outputs)])
+    plans = f"hydra.searchpath=[file://{outputs / 'search'}]"  # where +quant_plan=<name> is found
+    run_all([(label, ["run", *COMMON, *ov, *([plans] if any(o.startswith("+quant_plan=") for o in ov) else []),
+                      f"train.num_threads={args.threads}"]) for label, ov in todo])
     out = make_report(args.outputs)
     print(Path(out["markdown"]).read_text())
     minutes = (time.perf_counter() - t0) / 60

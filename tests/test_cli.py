@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -142,7 +143,7 @@ def test_run_help_is_qspeech_without_schema_entries():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("qspeech run") and "is powered by Hydra" not in proc.stdout
     assert "_schema" not in proc.stdout
-    assert "logger: csv, mlflow, tensorboard" in proc.stdout and "quant: bit, kmeans, lsq, rtn" in proc.stdout
+    assert "logger: csv, mlflow, tensorboard" in proc.stdout and "quant: bit, bit_exact, kmeans, lsq, rtn" in proc.stdout
 
 
 def test_bash_completion_script_completes_commands_and_overrides(tmp_path):
@@ -196,3 +197,25 @@ def test_demo_jobs_add_seeds_of_the_seeded_rows_and_the_real_speech_set():
     assert extra["tiny_hubert rtn 2-bit seed 2"] == ["quant=rtn", "bits=2", "seed=2", "eval_data=real_speech"]
     assert all(ov[-1] == "eval_data=real_speech" for _, ov in three)
     assert not any(label.startswith("fbank") and "seed" in label for label, _ in three)
+
+
+def test_demo_searches_compose_on_the_demo_corpus(tmp_path):
+    """Each mixed-precision row runs a plan that one of the demo's searches writes, and each search composes
+    (typed) on the demo's own corpus and quantized modules."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import qspeech.search.config  # noqa: F401 - registers the search schema
+    from qspeech.config import to_typed
+    from qspeech.demo import SEARCHES, STUDY, search_commands
+
+    planned = {o.split("=", 1)[1] for _, ov in STUDY for o in ov if o.startswith("+quant_plan=")}
+    assert planned == set(SEARCHES)
+    demo = OmegaConf.load("conf/experiment/demo.yaml")
+    with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
+        for name, args in search_commands(tmp_path):
+            assert args[0] == "search" and args[-1] == f"hydra.run.dir={tmp_path / 'search' / name}"
+            cfg = compose("search", overrides=args[1:-1])
+            assert cfg.data.mini.vocab_size == demo.data.mini.vocab_size
+            assert list(cfg.quant.targets) == list(demo.quant.targets) and cfg.budget_bits == 2
+            assert to_typed(cfg).budget_bits == 2  # every value checked by the search schema
