@@ -3,9 +3,9 @@
 tiny_hubert at 32/8/4/2/1 bits with rtn and with BiT-style QAT, its random-initialised twin, tiny_distilhubert
 and FBANK (log-mel features, no upstream: what pretraining adds), all on the ASR task of the synthesized
 corpus, each also scored on real human speech when ../shared/data/real-speech is present; then the report.
-Two mixed-precision rows: `qspeech search` allots bits per module at the storage of uniform 2-bit (rtn, and
-bit's QAT), then those plans run like the other rows.
-`--seeds 3` adds seeds 1 and 2 of the full-precision, 2-bit, 1-bit and searched rows (mean +- std).
+`--search` adds two mixed-precision rows: `qspeech search` allots bits per module at the storage of uniform
+2-bit (rtn, and bit's QAT), then those plans run like the other rows.
+`--seeds 3` adds seeds 1 and 2 of the full-precision, 2-bit, 1-bit (and searched) rows (mean +- std).
 Jobs run as separate `qspeech run` processes (two at a time, one thread each: on two cores that beats one job
 with two threads). Rerunning reuses everything: each experiment's folder, trained head, features, QAT cache."""
 
@@ -36,6 +36,9 @@ STUDY: list[tuple[str, list[str]]] = [
     ("tiny_hubert random init", ["model.init=random", "bits=32"]),
     ("tiny_distilhubert full precision", ["model=tiny_distilhubert", "bits=32"]),
     ("fbank (no upstream)", ["model=fbank", "bits=32"]),
+]
+# `--search`: the rows that run the SEARCHES plans
+SEARCHED: list[tuple[str, list[str]]] = [
     ("tiny_hubert rtn searched (2-bit storage)", ["+quant_plan=demo_rtn_b2"]),
     ("tiny_hubert bit (QAT) searched (2-bit storage)", ["+quant_plan=demo_bit_b2"]),
 ]
@@ -52,11 +55,13 @@ def real_speech_available() -> bool:
     return all(resolve_path(t).is_file() for t in ([test] if isinstance(test, str) else test))
 
 
-def jobs(seeds: int, real_speech: bool) -> list[tuple[str, list[str]]]:
-    """(label, overrides) of every run: the study, the extra seeds of the SEEDED rows, and every run also
-    scored on real human speech when it is available (`eval_data=real_speech`, never trained on)."""
-    out = list(STUDY) + [(f"{label} seed {k}", [*ov, f"seed={k}"]) for label, ov in STUDY if label in SEEDED
-                         for k in range(1, seeds)]
+def jobs(seeds: int, real_speech: bool, search: bool = False) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of every run: the study (and the SEARCHED rows), the extra seeds of the SEEDED rows,
+    and every run also scored on real human speech when it is available (`eval_data=real_speech`, never
+    trained on)."""
+    rows = list(STUDY) + (list(SEARCHED) if search else [])
+    out = rows + [(f"{label} seed {k}", [*ov, f"seed={k}"]) for label, ov in rows if label in SEEDED
+                  for k in range(1, seeds)]
     return [(label, [*ov, "eval_data=real_speech"] if real_speech else ov) for label, ov in out]
 
 
@@ -95,6 +100,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--outputs", default="outputs", help="where runs and the report go (default outputs)")
     p.add_argument("--seeds", type=int, default=1,
                    help=f"seeds of the rows {', '.join(SEEDED)} (default 1; 3 gives the README's mean +- std)")
+    p.add_argument("--search", action="store_true",
+                   help="also the mixed-precision rows: qspeech search at the storage of uniform 2-bit, rtn and QAT")
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise QSpeechError(f"--seeds {args.seeds}: must be at least 1")
@@ -111,9 +118,10 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     real = real_speech_available()
     outputs = Path(args.outputs).resolve()
-    todo = jobs(args.seeds, real)
-    print(f"qspeech demo: {len(SEARCHES)} mixed-precision searches, then {len(todo)} experiments, {args.jobs} at a "
-          f"time; logs in {log_dir}/" + ("" if real else "; ../shared/data/real-speech not found: no real-speech column"),
+    todo = jobs(args.seeds, real, args.search)
+    searches = search_commands(outputs) if args.search else []
+    print("qspeech demo: " + (f"{len(searches)} mixed-precision searches, then " if searches else "")
+          + f"{len(todo)} experiments, {args.jobs} at a time; logs in {log_dir}/" + ("" if real else "; ../shared/data/real-speech not found: no real-speech column"),
           flush=True)
     failed = []
 
@@ -127,7 +135,7 @@ def main(argv: list[str]) -> None:
                 if rc != 0:
                     failed.append(label)
 
-    run_all([(f"search {name}", a) for name, a in search_commands(outputs)])
+    run_all([(f"search {name}", a) for name, a in searches])
     plans = f"hydra.searchpath=[file://{outputs / 'search'}]"  # where +quant_plan=<name> is found
     run_all([(label, ["run", *COMMON, *ov, *([plans] if any(o.startswith("+quant_plan=") for o in ov) else []),
                       f"train.num_threads={args.threads}"]) for label, ov in todo])

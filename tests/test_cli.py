@@ -192,7 +192,7 @@ def test_demo_jobs_add_seeds_of_the_seeded_rows_and_the_real_speech_set():
     one = jobs(1, real_speech=False)
     assert one == list(STUDY)
     three = jobs(3, real_speech=True)
-    assert len(three) == len(STUDY) + 2 * len(SEEDED)
+    assert len(three) == len(STUDY) + 2 * sum(label in SEEDED for label, _ in STUDY)
     extra = {label: ov for label, ov in three[len(STUDY):]}
     assert extra["tiny_hubert rtn 2-bit seed 2"] == ["quant=rtn", "bits=2", "seed=2", "eval_data=real_speech"]
     assert all(ov[-1] == "eval_data=real_speech" for _, ov in three)
@@ -207,10 +207,11 @@ def test_demo_searches_compose_on_the_demo_corpus(tmp_path):
 
     import qspeech.search.config  # noqa: F401 - registers the search schema
     from qspeech.config import to_typed
-    from qspeech.demo import SEARCHES, STUDY, search_commands
+    from qspeech.demo import SEARCHED, SEARCHES, STUDY, jobs, search_commands
 
-    planned = {o.split("=", 1)[1] for _, ov in STUDY for o in ov if o.startswith("+quant_plan=")}
+    planned = {o.split("=", 1)[1] for _, ov in SEARCHED for o in ov if o.startswith("+quant_plan=")}
     assert planned == set(SEARCHES)
+    assert jobs(1, False, search=True) == STUDY + SEARCHED and len(jobs(3, False, search=True)) == len(STUDY) + 14
     demo = OmegaConf.load("conf/experiment/demo.yaml")
     with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
         for name, args in search_commands(tmp_path):
