@@ -30,14 +30,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 import qspeech.quant.functional as Fq
 from qspeech.checks import need
 from qspeech.quant.config import QuantConfig
-from qspeech.quant.methods.bit import FrozenBinaryWeight
-from qspeech.quant.modules import ActQuantizer, WeightQuantizer
+from qspeech.quant.methods.bit import BinaryWeight, FrozenBinaryWeight
+from qspeech.quant.modules import ActQuantizer
 from qspeech.quant.registry import QuantMethod, register
 
 # Activation bits of the intermediate stages (BiT's W1A4 -> W1A2 -> W1A1 multi-distillation).
@@ -54,22 +53,17 @@ class BitExactConfig(QuantConfig):
     distill_loss: str = "mse"
 
 
-class BwnWeight(WeightQuantizer):
-    """BiT's BwnQuantizer: sign(W - mean W) * mean|W| over the tensor, identity gradient to W."""
+class BwnWeight(BinaryWeight):
+    """BiT's BwnQuantizer: sign(W - mean W) * mean|W| over the tensor, identity gradient to W (BinaryWeight's
+    codes and scale; only the gradient differs)."""
 
     method = "bit_exact"
 
     def __init__(self, w, granularity="tensor", group_size=128):
-        super().__init__(w.shape, 1, granularity, group_size)
+        super().__init__(w, granularity, group_size)
 
     def forward(self, w):
         return Fq.from_groups(Fq.bwn_fake(self.groups(w)), w.shape)
-
-    def parts(self, w):
-        wg = self.groups(w.detach())
-        return {**self._meta(), "format": "binary",
-                "codes": Fq.from_groups(Fq.binary_codes(wg, center=True), w.shape).to(torch.int32),
-                "scale": Fq.binary_scale(wg).clone()}
 
 
 class FrozenBwnWeight(FrozenBinaryWeight):
