@@ -15,8 +15,6 @@ from qspeech.results import COST_FILE, RunResult, collect, load_results
 from qspeech.tasks.metrics import higher_is_better
 
 BENCH_FILE = "bench.json"
-VARIANT_FOR_BITS = {32: "torch_fp32", 8: "int8_w8a8", 4: "nbits_4bit", 3: "nbits_3bit", 2: "nbits_2bit",
-                    1: "nbits_1bit"}
 
 KEY = ["model", "init", "quant", "bits", "task", "data"]
 COLUMNS = KEY + [
@@ -247,9 +245,17 @@ def build_table(results: list[RunResult]) -> pd.DataFrame:
     return table
 
 
+def fastest_variant(variants: dict, bits: int) -> dict | None:
+    """The bench variant that runs `bits`-bit weights fastest (torch_fp32 for bits >= 32)."""
+    if bits >= 32:
+        return variants.get("torch_fp32")
+    timed = [v for v in variants.values() if v.get("bits") == bits and v.get("measured_speedup")]
+    return max(timed, key=lambda v: v["measured_speedup"]["vs_torch_fp32"], default=None)
+
+
 def add_measured_speed(table: pd.DataFrame, benches: list[dict]) -> pd.DataFrame:
     """Measured speed-ups from `qspeech bench` runs (the latest per model and quant method) beside the
-    estimate: the kernel that runs each bit-width (int8 W8A8, MatMulNBits 4/2 bits, 1 bit as 2-bit codes)."""
+    estimate: the fastest kernel measured for the row's bit-width (torch fp32 for full precision)."""
     table = table.copy()
     latest: dict[tuple, dict] = {}
     for b in sorted(benches, key=lambda b: b.get("_mtime", 0)):
@@ -260,7 +266,7 @@ def add_measured_speed(table: pd.DataFrame, benches: list[dict]) -> pd.DataFrame
             continue
         bench = latest.get((row["model"], str(row["quant"]).split("[")[0])) or (
             latest.get(next((k for k in latest if k[0] == row["model"]), None)) if row["bits"] >= 32 else None)
-        variant = (bench or {}).get("variants", {}).get(VARIANT_FOR_BITS.get(int(row["bits"]), ""))
+        variant = fastest_variant((bench or {}).get("variants", {}), int(row["bits"]))
         if variant and variant.get("measured_speedup"):
             table.at[idx, "measured_speedup"] = round(float(variant["measured_speedup"]["vs_torch_fp32"]), 2)
             vs_ort = variant["measured_speedup"].get("vs_ort_fp32")

@@ -21,7 +21,9 @@ def test_bench_keys(result):
     assert set(RESULT_KEYS) <= set(result)
     names = set(result["variants"])
     assert {"torch_fp32", "ort_fp32", "torch_bf16", "int8_w8a8", "int8_w8a8+cnn_int8", "nbits_2bit",
-            "nbits_1bit"} <= names, result["onnx"]
+            "nbits_1bit", "nbits_2bit_lut", "int8_w2a8", "int8_w1a8", "ort_int8_8bit", "ort_int8_2bit",
+            "ort_int8_1bit"} <= names, \
+        result["onnx"]
     for name, v in result["variants"].items():
         assert set(VARIANT_KEYS) <= set(v), name
         assert v["ms"] > 0 and set(v["measured_speedup"]) == {"vs_torch_fp32", "vs_ort_fp32"}
@@ -33,6 +35,64 @@ def test_bench_keys(result):
     assert result["variants"]["ort_fp32"]["max_abs_err"] < 1e-3  # same model, another runtime
     assert "own codes" in result["variants"]["int8_w8a8"]["weights"]
     assert "torch_fp32" in format_table(result)
+    for b in (2, 1):  # low-bit codes in the int8 kernels: the model's own grid
+        assert "own codes" in result["variants"][f"int8_w{b}a8"]["weights"]
+        assert "own codes" in result["variants"][f"ort_int8_{b}bit"]["weights"]
+    shares = result["onnx"]["profile"]
+    assert set(shares) == {"ort_fp32", "nbits_2bit", "ort_int8_8bit"}
+    for p in shares.values():
+        assert p["ms_per_run"] > 0 and abs(sum(p["share"].values()) - 1) < 0.01 and p["share"]["cnn"] > 0
+
+
+@pytest.mark.parametrize("bits", [8, 2, 1])
+def test_whole_graph_int8_runs_the_models_own_codes(tmp_path, bits):
+    """qdq_onnx puts a linear's own b-bit codes and scales into the int8 graph (not onnxruntime's regrid of
+    the fake-quant weights), rescaling the int32 bias the fused kernel reads at x_scale * w_scale, so the
+    output is x @ W_fakequant^T + b up to the rounding of x to uint8."""
+    import onnx
+    from onnx import numpy_helper
+
+    from qspeech.bench import ort_session
+    from qspeech.bench.qdq import qdq_onnx
+    from qspeech.quant import clone_model, quantize_, quantized_weight_parts, remove_quantization_
+    from qspeech.quant.formats import code_format
+
+    class Proj(torch.nn.Module):  # a module name that quant targets know (kind 'proj')
+        def __init__(self):
+            super().__init__()
+            self.post_extract_proj = torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.post_extract_proj(x)
+
+    g = torch.Generator().manual_seed(bits)
+    model = Proj()
+    lin = model.post_extract_proj
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=g) * 0.2)
+        lin.bias.copy_(torch.randn(32, generator=g))
+    quantize_(model, QuantConfig(symmetric=True, targets=["proj"]), bits)
+    baked = remove_quantization_(clone_model(model), keep="quantized")
+    x = torch.randn(8, 64, generator=g)
+    with torch.no_grad():
+        torch.onnx.export(baked, (x,), str(tmp_path / "fp.onnx"), input_names=["wavs"], output_names=["y"],
+                          opset_version=17, dynamo=False)
+        ref = model(x).numpy()
+    path, grid, count = qdq_onnx(tmp_path / "fp.onnx", tmp_path / "q.onnx", [x.numpy()], model)
+    assert count == 1 and "own codes" in grid
+    parts = quantized_weight_parts(lin)
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    int8 = [v for v in inits.values() if v.dtype == np.int8 and v.size == 32 * 64]
+    assert len(int8) == 1
+    codes = code_format(parts).to_signed(parts["codes"].long()).numpy()  # 1 bit: {0, 1} -> -1 / +1
+    assert np.array_equal(int8[0], codes.T) or np.array_equal(int8[0], codes)
+    levels = {-1, 1} if bits == 1 else set(range(-(2 ** (bits - 1)), 2 ** (bits - 1)))
+    assert set(np.unique(int8[0]).tolist()) <= levels
+    y = ort_session(path, 1).run(None, {"wavs": x.numpy()})[0]
+    # one uint8 step of x (range / 255) times the largest row sum of |W|, a loose bound the bias bug breaks
+    step = float(x.max() - x.min()) / 255
+    bound = step * float(lin.weight.abs().sum(1).max())
+    assert np.abs(y - ref).max() < bound, (np.abs(y - ref).max(), bound)
 
 
 @pytest.mark.parametrize("bits,extra", [(4, {}), (2, {}), (3, {}), (1, {}), (2, {"symmetric": False}),

@@ -80,11 +80,14 @@ def test_measured_speed_from_bench_runs_joins_matching_rows(tmp_path):
     out = tmp_path / "outputs"
     write_json_atomic(out / "r1" / "result.json", _result("tiny_hubert", 2, 40.0))
     write_json_atomic(out / "r2" / "result.json", _result("tiny_hubert", 8, 22.0))
-    variants = {"torch_fp32": {"measured_speedup": {"vs_torch_fp32": 1.0, "vs_ort_fp32": 0.5}},
-                "nbits_2bit": {"measured_speedup": {"vs_torch_fp32": 1.72, "vs_ort_fp32": 0.96}}}
+    variants = {"torch_fp32": {"bits": 32, "measured_speedup": {"vs_torch_fp32": 1.0, "vs_ort_fp32": 0.5}},
+                "int8_w2a8": {"bits": 2, "measured_speedup": {"vs_torch_fp32": 1.3, "vs_ort_fp32": 0.72}},
+                "nbits_2bit": {"bits": 2, "measured_speedup": {"vs_torch_fp32": 1.72, "vs_ort_fp32": 0.96}},
+                "torch_bf16": {"bits": 16, "measured_speedup": {"vs_torch_fp32": 0.1, "vs_ort_fp32": 0.05}}}
     write_json_atomic(out / "b" / "bench.json", {"model": "tiny_hubert", "quant": {"method": "rtn"}, "variants": variants})
     table = pd.read_csv(make_report(out)["csv"])
     ours = table[table.source == "qspeech"].set_index("bits")
+    # the fastest kernel measured at the row's bits
     assert ours.loc[2, "measured_speedup"] == 1.72 and ours.loc[2, "measured_vs_ort"] == 0.96
     assert pd.isna(ours.loc[8, "measured_speedup"])  # no int8 variant was measured: left empty, not guessed
 

@@ -5,8 +5,9 @@
     out["variants"]["int8_w8a8"]["measured_speedup"]   # {'vs_torch_fp32': ..., 'vs_ort_fp32': ...}
 
 One job per module: timing (interleaved runs, speed-ups), onnxrt (ONNX export, onnxruntime sessions), int8
-(torch's dynamic int8 kernel), nbits (MatMulNBits graphs from the model's codes), variants (the variant
-table and bench_upstream), command (`qspeech bench` and its table).
+(torch's dynamic int8 kernel), nbits (MatMulNBits graphs from the model's codes), qdq (the whole graph in
+static int8, onnxruntime's profiler by part of the model), variants (the variant table and bench_upstream),
+command (`qspeech bench` and its table).
 
 Variants (each: median forward latency over `repeats` runs after `warmup` runs, the runs of all variants
 interleaved round by round so that load changes on a shared machine hit them alike; threads pinned with
@@ -23,6 +24,8 @@ torch.set_num_threads and onnxruntime's intra_op_num_threads, both recorded):
                         else torch's per-channel minmax grid of the fake-quantized weights (said in 'weights').
                         The attention projections are routed through their modules (qspeech.quant.api.
                         force_projection_calls) because fairseq's attention otherwise reads q_proj.weight.
+  int8_w<b>a8           4 / 2 / 1 bits through the same int8 kernel: b-bit codes are int8 values (1 bit: -1 / +1),
+                        so the arithmetic is int8 and the weights are exactly the model's
   int8_w8a8+cnn_int8    as int8_w8a8, and the CNN front end's convolutions (all but the first, 1-channel one)
                         run as unfold + the same int8 kernel (per-channel minmax weights: the fake-quant
                         model keeps the CNN in full precision, so this adds error)
@@ -32,11 +35,19 @@ torch.set_num_threads and onnxruntime's intra_op_num_threads, both recorded):
                         the model's own codes: a per-channel scale is repeated over the row's blocks, so the
                         kernel's weights equal the fake-quant weights exactly. k-means codebooks have no such
                         kernel; those fall back to symmetric RTN on blocks of 128 of the fake-quant weights.
+  nbits_<b>bit_lut      2-bit codes (b = 2, 1) with onnxruntime's opt-in lookup-table kernel (session option
+                        mlas.use_lut_gemm=1; shapes it does not take fall back to the default kernel)
+  ort_int8_<b>bit       8 / 4 / 2 / 1 bits, the whole graph in int8: the fake-quantized model exported to ONNX,
+                        statically quantized by onnxruntime (QDQ: convolutions, linears and attention matmuls,
+                        uint8 activations calibrated on two other inputs), then the quantized modules' own codes
+                        and scales written over onnxruntime's regrid (their int32 biases rescaled to match)
 
 Each variant's `max_abs_err` is the largest |difference| of the last hidden state against its reference
 (`ref`): torch_fp32 for the fp32/bf16 variants, the fake-quantized model at the same bits (after
 round_to_storage_, i.e. the model the runner evaluates) for the low-bit ones. `measured_speedup` is the
-latency of torch_fp32 (resp. ort_fp32) divided by the variant's. CUDA variants (cuda_fp32, cuda_bf16) are
+latency of torch_fp32 (resp. ort_fp32) divided by the variant's; `fake_quant_err[b]` is the fake-quantized
+model's own error against torch_fp32, which a b-bit kernel's error should stay within. onnx['profile']
+says where ort_fp32, nbits_2bit and ort_int8_8bit spend their time (part of the model, costliest kernels). CUDA variants (cuda_fp32, cuda_bf16) are
 added when a GPU is present. Speed is noisy on a shared machine: compare ratios from one call only.
 """
 

@@ -103,10 +103,11 @@ def _nbits_nodes(node, bias, mod: nn.Module, bits: int, block: int, accuracy_lev
         inits.append(numpy_helper.from_array(np.concatenate(zrows), f"{base}_z"))
         inputs.append(f"{base}_z")
     outputs = [f"{base}_y"] if bias is not None else list(node.output)
-    nodes = [helper.make_node("MatMulNBits", inputs, outputs, name=f"{base}_matmul", domain="com.microsoft", K=k,
-                              N=n_out, bits=kb, block_size=block, accuracy_level=accuracy_level)]
+    name = node.name or base  # the original node's name: the profiler's parts (qdq.profile_shares) read it
+    nodes = [helper.make_node("MatMulNBits", inputs, outputs, name=f"{name}/MatMulNBits", domain="com.microsoft",
+                              K=k, N=n_out, bits=kb, block_size=block, accuracy_level=accuracy_level)]
     if bias is not None:
-        nodes.append(helper.make_node("Add", [outputs[0], bias], list(node.output), name=f"{base}_bias"))
+        nodes.append(helper.make_node("Add", [outputs[0], bias], list(node.output), name=f"{name}/bias"))
     return nodes, inits, how
 
 

@@ -78,7 +78,7 @@ def export_onnx(upstream, wavs: torch.Tensor, path) -> Path:
     return path
 
 
-def ort_session(path, threads: int):
+def session_options(threads: int, config: dict | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -91,12 +91,21 @@ def ort_session(path, threads: int):
     # timed in between (measured: torch 30x slower beside a spinning session on 2 cores).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, str(v))
+    return so
 
 
-def ort_runner(path, wavs: torch.Tensor, threads: int):
-    """(fn running the whole graph, the last hidden state of one run) for an ONNX file."""
-    sess = ort_session(path, threads)
+def ort_session(path, threads: int, config: dict | None = None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads, config), providers=["CPUExecutionProvider"])
+
+
+def ort_runner(path, wavs: torch.Tensor, threads: int, config: dict | None = None):
+    """(fn running the whole graph, the last hidden state of one run) for an ONNX file; `config`: session
+    config entries (e.g. {"mlas.use_lut_gemm": 1})."""
+    sess = ort_session(path, threads, config)
     feed = {"wavs": wavs.numpy()}
     last = torch.from_numpy(sess.run([sess.get_outputs()[-1].name], feed)[0])
     return (lambda: sess.run(None, feed)), last

@@ -13,15 +13,17 @@ import torch
 from qspeech.bench.int8 import int8_upstream
 from qspeech.bench.nbits import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, kernel_bits, nbits_onnx
 from qspeech.bench.onnxrt import export_onnx, op_counts, ort_runner
+from qspeech.bench.qdq import fake_quant_onnx, profile_shares, qdq_onnx
 from qspeech.bench.timing import add_speedups, cpu_name, time_interleaved
 from qspeech.quant import QuantConfig, as_quant_config, clone_model, quantize_, quantized_modules, round_to_storage_
 
 SAMPLE_RATE = 16_000
+LUT_CONFIG = {"mlas.use_lut_gemm": 1}
 DEFAULT_BITS = (8, 4, 2, 1)
 # The fake-quant reference and the codes fed to the kernels unless told otherwise: rtn, per channel, symmetric.
 DEFAULT_QUANT = QuantConfig(method="rtn", symmetric=True)
 RESULT_KEYS = ("device", "cpu", "threads", "seconds", "batch", "repeats", "warmup", "torch", "onnxruntime",
-               "quant", "bits", "variants", "measured_speedup", "notes", "onnx")
+               "quant", "bits", "variants", "measured_speedup", "fake_quant_err", "notes", "onnx")
 VARIANT_KEYS = ("ms", "ms_min", "times_ms", "bits", "kernel", "weights", "ref", "max_abs_err", "measured_speedup",
                 "measured_speedup_min", "note")
 
@@ -46,6 +48,7 @@ class Variants:
         self.onnx_info = {"exported": False, "error": None}
         self.fp_onnx: Path | None = None
         self.ref_fp = _last(upstream(wavs))
+        self.fake_quant_err: dict[int, float] = {}
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -66,11 +69,13 @@ class Variants:
         """torch fp32 (baseline), onnxruntime fp32 (second baseline), torch bf16 autocast, CUDA if present."""
         up, wavs = self.upstream, self.wavs
         self.record("torch_fp32", lambda: up(wavs), 32, "torch fp32", "fp32", "torch_fp32", 0.0)
-        if onnx and (self.want("ort_fp32") or any(self.want(f"nbits_{b}bit") for b in bits)):
+        if onnx and (self.want("ort_fp32") or any(self.want(f"nbits_{b}bit") or self.want(f"ort_int8_{b}bit")
+                                                  for b in bits)):
             self._export_onnx()
         if self.fp_onnx is not None and self.want("ort_fp32"):
             fn, out = ort_runner(self.fp_onnx, wavs, self.threads)
             self.record("ort_fp32", fn, 32, "onnxruntime fp32 (CPU EP)", "fp32", "torch_fp32", _err(out, self.ref_fp))
+            self.profile("ort_fp32", self.fp_onnx)
         if self.want("torch_bf16"):
             def bf16():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -120,14 +125,19 @@ class Variants:
             round_to_storage_(quantized)
             quantized.requires_grad_(False)
         ref_q = _last(quantized(self.wavs))
+        self.fake_quant_err[b] = _err(ref_q, self.ref_fp)  # what the low-bit kernels' own error is measured against
         ref_name = f"fake-quant {qcfg.method} {b}-bit ({qcfg.granularity})"
-        if b == 8:
-            self._int8(quantized, ref_q, ref_name, cnn_int8)
-        elif self.fp_onnx is not None and self.want(f"nbits_{b}bit"):
+        if b <= 8:
+            self._int8(quantized, b, ref_q, ref_name, cnn_int8)
+        if b < 8 and self.fp_onnx is not None and self.want(f"nbits_{b}bit"):
             self._nbits(quantized, b, ref_q, ref_name)
+        if b <= 8 and self.fp_onnx is not None and self.want(f"ort_int8_{b}bit"):
+            self._qdq(quantized, b, ref_q, ref_name)
 
-    def _int8(self, quantized, ref_q, ref_name: str, cnn_int8: bool) -> None:
-        for name, cnn in (("int8_w8a8", False), ("int8_w8a8+cnn_int8", True)):
+    def _int8(self, quantized, b: int, ref_q, ref_name: str, cnn_int8: bool) -> None:
+        # b < 8: the b-bit codes are int8 values, so the same int8 kernel runs them exactly
+        names = (("int8_w8a8", False), ("int8_w8a8+cnn_int8", True)) if b == 8 else ((f"int8_w{b}a8", False),)
+        for name, cnn in names:
             if not self.want(name) or (cnn and not cnn_int8):
                 continue
             with torch.inference_mode(False):
@@ -140,12 +150,39 @@ class Variants:
     def _nbits(self, quantized, b: int, ref_q, ref_name: str) -> None:
         path, grid, count = nbits_onnx(self.fp_onnx, self.workdir / f"upstream_nbits{b}.onnx", self.upstream,
                                        quantized, b)
-        fn, out = ort_runner(path, self.wavs, self.threads)
         kb = kernel_bits(b)
         note = f"{b}-bit weights run exactly as {kb}-bit codes (no {b}-bit kernel)" if kb != b else None
-        self.record(f"nbits_{b}bit", fn, b,
-                    f"onnxruntime MatMulNBits bits={kb} block={NBITS_BLOCK} accuracy_level={NBITS_ACCURACY_LEVEL}"
-                    f" ({count} linears; the rest fp32)", grid, ref_name, _err(out, ref_q), note)
+        kernel = (f"onnxruntime MatMulNBits bits={kb} block={NBITS_BLOCK} accuracy_level={NBITS_ACCURACY_LEVEL}"
+                  f" ({count} linears; the rest fp32)")
+        fn, out = ort_runner(path, self.wavs, self.threads)
+        self.record(f"nbits_{b}bit", fn, b, kernel, grid, ref_name, _err(out, ref_q), note)
+        if b == 2:
+            self.profile("nbits_2bit", path)
+        if kb == 2 and self.want(f"nbits_{b}bit_lut"):
+            # onnxruntime's opt-in lookup-table kernel for 2-bit codes (T-MAC; it falls back to the default
+            # kernel for shapes it does not take)
+            fn, out = ort_runner(path, self.wavs, self.threads, LUT_CONFIG)
+            self.record(f"nbits_{b}bit_lut", fn, b, kernel + ", session option mlas.use_lut_gemm=1", grid, ref_name,
+                        _err(out, ref_q), note)
+
+    def _qdq(self, quantized, b: int, ref_q, ref_name: str) -> None:
+        g = torch.Generator().manual_seed(1)
+        calibration = [(torch.randn(self.wavs.shape, generator=g) * 0.1).numpy() for _ in range(2)]
+        with torch.inference_mode(False), torch.no_grad():
+            fq = fake_quant_onnx(quantized, self.wavs, self.workdir / f"upstream_fq{b}.onnx")
+        path, grid, count = qdq_onnx(fq, self.workdir / f"upstream_int8_{b}bit.onnx", calibration, quantized)
+        fn, out = ort_runner(path, self.wavs, self.threads)
+        self.record(f"ort_int8_{b}bit", fn, b,
+                    f"onnxruntime static int8 (QDQ) of the whole graph: convolutions, linears and attention "
+                    f"matmuls ({count} modules with their own {b}-bit codes; uint8 activations calibrated on 2 "
+                    f"other inputs)", grid, ref_name, _err(out, ref_q))
+        if b == 8:
+            self.profile("ort_int8_8bit", path)
+
+    def profile(self, name: str, path) -> None:
+        """Where the graph's time goes (onnxruntime's profiler): onnx_info['profile'][name]."""
+        self.onnx_info.setdefault("profile", {})[name] = profile_shares(path, {"wavs": self.wavs.numpy()},
+                                                                         self.threads)
 
     def time(self, repeats: int, warmup: int) -> None:
         self.say(f"timing {len(self.runners)} variants: {warmup} warm-up + {repeats} interleaved rounds")
@@ -218,6 +255,7 @@ def bench_upstream(upstream_or_cfg, bits=DEFAULT_BITS, seconds: float = 10.0, ba
         "bits": bits,
         "variants": v.results,
         "measured_speedup": add_speedups(v.results),
+        "fake_quant_err": v.fake_quant_err,
         "notes": v.notes,
         "onnx": v.onnx_info,
     }
