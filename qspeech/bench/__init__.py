@@ -4,9 +4,9 @@
     out = bench_upstream(upstream, bits=(8, 4, 2, 1), seconds=10, threads=2, repeats=5)
     out["variants"]["int8_w8a8"]["measured_speedup"]   # {'vs_torch_fp32': ..., 'vs_ort_fp32': ...}
 
-One job per module: timing (interleaved runs, speed-ups), onnxrt (ONNX export, onnxruntime sessions), int8
-(torch's dynamic int8 kernel), nbits (MatMulNBits graphs from the model's codes), qdq (the whole graph in
-static int8, onnxruntime's profiler by part of the model), variants (the variant table and bench_upstream),
+One job per module: timing (interleaved runs, speed-ups), onnxrt (ONNX export, onnxruntime sessions and their
+profile by part of the model), int8 (torch's dynamic int8 kernel), nbits (MatMulNBits graphs from the model's
+codes), qdq (the whole graph in static int8 with the model's own codes), variants (the variant table and bench_upstream),
 command (`qspeech bench` and its table).
 
 Variants (each: median forward latency over `repeats` runs after `warmup` runs, the runs of all variants

@@ -1,4 +1,5 @@
-"""The upstream as an ONNX graph (fixed input shape, one output per hidden state) and onnxruntime sessions."""
+"""The upstream as an ONNX graph (fixed input shape, one output per hidden state), onnxruntime sessions and
+where their time goes (onnxruntime's profiler)."""
 
 from __future__ import annotations
 
@@ -120,3 +121,48 @@ def op_counts(path) -> dict:
     for node in m.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12])
+
+
+def profile_shares(path, feed: dict, threads: int, runs: int = 2, config: dict | None = None) -> dict:
+    """Where an onnxruntime graph spends its time, from onnxruntime's profiler over `runs` runs after one
+    warm-up (left out): ms per run (node time), the share of each part of the model (CNN front end,
+    attention block, feed-forward, other) and ms per run of the 8 costliest operator types (the kernels)."""
+    import json
+
+    import onnxruntime as ort
+
+    so = session_options(threads, config)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(path).with_suffix("")) + "_profile"
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)
+    for _ in range(runs):
+        sess.run(None, feed)
+    prof = Path(sess.end_profiling())
+    events = json.loads(prof.read_text())
+    prof.unlink(missing_ok=True)
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    after_warmup = starts[1] if len(starts) > 1 else 0
+    parts = {"cnn": 0.0, "attention": 0.0, "ffn": 0.0, "other": 0.0}
+    ops: dict[str, float] = {}
+    n = max(1, runs)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < after_warmup:
+            continue
+        parts[_part(e["name"])] += e["dur"] / 1e3
+        op = e.get("args", {}).get("op_name", "?")
+        ops[op] = ops.get(op, 0.0) + e["dur"] / 1e3 / n
+    total = sum(parts.values())
+    top = dict(sorted(((k, round(v, 1)) for k, v in ops.items()), key=lambda kv: -kv[1])[:8])
+    return {"ms_per_run": round(total / n, 1),
+            "share": {k: round(v / total, 3) if total else 0.0 for k, v in parts.items()}, "ops_ms": top}
+
+
+def _part(node_name: str) -> str:
+    if "feature_extractor" in node_name or "conv_layers" in node_name:
+        return "cnn"
+    if "self_attn" in node_name or "attention" in node_name:
+        return "attention"
+    if "fc1" in node_name or "fc2" in node_name or "feed_forward" in node_name:
+        return "ffn"
+    return "other"

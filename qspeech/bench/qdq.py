@@ -127,19 +127,22 @@ def qdq_onnx(fp_onnx: Path, out_path, calibration: list[np.ndarray], quantized=N
     out_path = Path(out_path)
     pre = Path(workdir or out_path.parent) / (out_path.stem + "_pre.onnx")
     # shape inference and MatMul+Add -> Gemm fusion first, as onnxruntime's quantization tool recommends
-    quant_pre_process(str(fp_onnx), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=list(QDQ_OPS),
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    grids = {"per-channel symmetric int8 minmax of the fp32 weights (onnxruntime's quantizer)"}
-    replaced = 0
-    if quantized is not None:
-        model = onnx.load(str(out_path))
-        replaced, own = _own_weights(model, onnx.load(str(pre)).graph, quantized)
-        onnx.save(model, str(out_path))
-        grids = own | {f"the other {'weights' if replaced else 'modules'}: onnxruntime's per-channel int8 minmax"}
-    pre.unlink(missing_ok=True)
+    try:
+        quant_pre_process(str(fp_onnx), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(QDQ_OPS),
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        grids = {"per-channel symmetric int8 minmax of the fp32 weights (onnxruntime's quantizer)"}
+        replaced = 0
+        if quantized is not None:
+            model = onnx.load(str(out_path))
+            replaced, own = _own_weights(model, onnx.load(str(pre)).graph, quantized)
+            onnx.save(model, str(out_path))
+            grids = own | {f"the other {'weights' if replaced else 'modules'}: onnxruntime's per-channel int8 "
+                           f"minmax"}
+    finally:
+        pre.unlink(missing_ok=True)
     return out_path, "; ".join(sorted(grids)), replaced
 
 
@@ -152,48 +155,3 @@ def fake_quant_onnx(quantized, wavs: torch.Tensor, path) -> Path:
     with torch.inference_mode(False):
         baked = remove_quantization_(clone_model(quantized), keep="quantized").requires_grad_(False)
     return export_onnx(baked, wavs, path)
-
-
-def profile_shares(path, feed: dict, threads: int, runs: int = 2, config: dict | None = None) -> dict:
-    """Where an onnxruntime graph spends its time, from onnxruntime's profiler over `runs` runs after one
-    warm-up: ms per run (node time), the share of each part of the model (CNN front end, attention block,
-    feed-forward, other) and ms per run of the 8 costliest operator types (the kernels that ran)."""
-    import json
-
-    import onnxruntime as ort
-
-    from qspeech.bench.onnxrt import session_options
-
-    so = session_options(threads, config)
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(path).with_suffix("")) + "_profile"
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    sess.run(None, feed)
-    for _ in range(runs):
-        sess.run(None, feed)
-    prof = Path(sess.end_profiling())
-    events = json.loads(prof.read_text())
-    prof.unlink(missing_ok=True)
-    parts = {"cnn": 0.0, "attention": 0.0, "ffn": 0.0, "other": 0.0}
-    ops: dict[str, float] = {}
-    n = runs + 1
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        parts[_part(e["name"])] += e["dur"] / 1e3
-        op = e.get("args", {}).get("op_name", "?")
-        ops[op] = ops.get(op, 0.0) + e["dur"] / 1e3 / n
-    total = sum(parts.values())
-    top = dict(sorted(((k, round(v, 1)) for k, v in ops.items()), key=lambda kv: -kv[1])[:8])
-    return {"ms_per_run": round(total / n, 1),
-            "share": {k: round(v / total, 3) if total else 0.0 for k, v in parts.items()}, "ops_ms": top}
-
-
-def _part(node_name: str) -> str:
-    if "feature_extractor" in node_name or "conv_layers" in node_name:
-        return "cnn"
-    if "self_attn" in node_name or "attention" in node_name:
-        return "attention"
-    if "fc1" in node_name or "fc2" in node_name or "feed_forward" in node_name:
-        return "ffn"
-    return "other"

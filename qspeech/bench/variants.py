@@ -12,8 +12,8 @@ import torch
 
 from qspeech.bench.int8 import int8_upstream
 from qspeech.bench.nbits import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, kernel_bits, nbits_onnx
-from qspeech.bench.onnxrt import export_onnx, op_counts, ort_runner
-from qspeech.bench.qdq import fake_quant_onnx, profile_shares, qdq_onnx
+from qspeech.bench.onnxrt import export_onnx, op_counts, ort_runner, profile_shares
+from qspeech.bench.qdq import fake_quant_onnx, qdq_onnx
 from qspeech.bench.timing import add_speedups, cpu_name, time_interleaved
 from qspeech.quant import QuantConfig, as_quant_config, clone_model, quantize_, quantized_modules, round_to_storage_
 
