@@ -68,6 +68,14 @@ def weight_key(w: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()
 
 
+def weight_index(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(content key of W^T -> name, content key of W -> name): how to find a module's weight among an ONNX
+    graph's initializers, which hold a linear's weight transposed (MatMul) or as it is (Gemm transB=1, Conv)."""
+    transposed = {weight_key(w.detach().t().numpy()): n for n, w in weights.items() if w.ndim == 2}
+    as_is = {weight_key(w.detach().numpy()): n for n, w in weights.items()}
+    return transposed, as_is
+
+
 def _match(node, inits: dict, by_key: dict, by_key_t: dict):
     """(quantized linear's name, bias input) when `node` multiplies by one of their weights, else (None, None):
     MatMul(x, W^T) with W^T folded into an initializer, or Gemm(x, W, bias, transB=1) (2-D inputs)."""
@@ -120,8 +128,7 @@ def nbits_onnx(fp_onnx: Path, out_path, upstream_fp, quantized, bits: int, block
 
     qmods = {n: m for n, m in quantized_modules(quantized).items() if isinstance(m, nn.Linear)}
     fp_mods = dict(upstream_fp.model.named_modules())
-    by_key = {weight_key(fp_mods[n].weight.detach().t().numpy()): n for n in qmods}
-    by_key_t = {weight_key(fp_mods[n].weight.detach().numpy()): n for n in qmods}
+    by_key, by_key_t = weight_index({n: fp_mods[n].weight for n in qmods})
     model = onnx.load(str(fp_onnx))
     g = model.graph
     inits = {i.name: i for i in g.initializer}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qspeech.bench.int8 import int8_weight
-from qspeech.bench.nbits import weight_key
+from qspeech.bench.nbits import weight_index, weight_key
 from qspeech.quant import quantized_modules, quantized_weight_parts
 
 QDQ_OPS = ("Conv", "Gemm", "MatMul")
@@ -69,13 +69,8 @@ def _own_weights(model, fp_graph, quantized) -> tuple[int, set]:
     from onnx import helper, numpy_helper
 
     qmods = {n: m for n, m in quantized_modules(quantized).items() if isinstance(m, (nn.Linear, nn.Conv1d))}
-    # the graph holds linear weights transposed ((in, out) for MatMul/Gemm transB=0) or as they are
-    by_key = {}
-    for n in qmods:
-        w = qmods[n].weight.detach()
-        by_key[weight_key(w.numpy())] = (n, False)
-        if w.ndim == 2:
-            by_key[weight_key(w.t().numpy())] = (n, True)
+    transposed, as_is = weight_index({n: m.weight for n, m in qmods.items()})
+    by_key = {**{k: (n, False) for k, n in as_is.items()}, **{k: (n, True) for k, n in transposed.items()}}
     names = {}
     for init in fp_graph.initializer:
         arr = numpy_helper.to_array(init)
