@@ -187,16 +187,28 @@ def test_missing_s3prl_is_one_line_naming_the_install_command(tmp_path):
 
 
 def test_demo_jobs_add_seeds_of_the_seeded_rows_and_the_real_speech_set():
-    from qspeech.demo import SEEDED, STUDY, jobs
+    from qspeech.demo import EXTRA, SEEDED, STUDY, jobs
 
     one = jobs(1, real_speech=False)
-    assert one == list(STUDY)
+    assert one == [r for r in STUDY if r[0] not in EXTRA] and len(one) == len(STUDY) - 2
+    assert jobs(1, real_speech=False, all_rows=True) == list(STUDY)
     three = jobs(3, real_speech=True)
-    assert len(three) == len(STUDY) + 2 * sum(label in SEEDED for label, _ in STUDY)
-    extra = {label: ov for label, ov in three[len(STUDY):]}
+    assert len(three) == len(one) + 2 * sum(label in SEEDED for label, _ in STUDY)
+    extra = {label: ov for label, ov in three[len(one):]}
     assert extra["tiny_hubert rtn 2-bit seed 2"] == ["quant=rtn", "bits=2", "seed=2", "eval_data=real_speech"]
     assert all(ov[-1] == "eval_data=real_speech" for _, ov in three)
     assert not any(label.startswith("fbank") and "seed" in label for label, _ in three)
+
+
+def test_demo_runs_the_longest_jobs_first_and_extra_seeds_last():
+    from qspeech.demo import _longest_first, jobs
+
+    order = [label for label, _ in sorted(jobs(2, real_speech=False), key=_longest_first)]
+    assert order[:2] == ["tiny_hubert bit (QAT) 1-bit", "tiny_hubert bit (QAT) 2-bit"]
+    firsts = [label for label in order if " seed " not in label]
+    assert firsts[-1] == "fbank (no upstream)" and order[len(firsts):] == [
+        "tiny_hubert bit (QAT) 1-bit seed 1", "tiny_hubert bit (QAT) 2-bit seed 1",
+        "tiny_hubert full precision seed 1", "tiny_hubert rtn 2-bit seed 1"]
 
 
 def test_demo_searches_compose_on_the_demo_corpus(tmp_path):
@@ -211,7 +223,8 @@ def test_demo_searches_compose_on_the_demo_corpus(tmp_path):
 
     planned = {o.split("=", 1)[1] for _, ov in SEARCHED for o in ov if o.startswith("+quant_plan=")}
     assert planned == set(SEARCHES)
-    assert jobs(1, False, search=True) == STUDY + SEARCHED and len(jobs(3, False, search=True)) == len(STUDY) + 14
+    assert jobs(1, False, search=True, all_rows=True) == STUDY + SEARCHED
+    assert len(jobs(3, False, search=True, all_rows=True)) == len(STUDY) + 14
     demo = OmegaConf.load("conf/experiment/demo.yaml")
     with initialize_config_dir(config_dir=str(Path("conf").resolve()), version_base="1.3"):
         for name, args in search_commands(tmp_path):

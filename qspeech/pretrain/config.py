@@ -180,7 +180,8 @@ class PretrainConfig(CropTraining):
     iterations: list[IterationConfig] = field(default_factory=lambda: [
         IterationConfig(name="it1", targets="teacher", clusters=100, steps=5000, init="scratch"),
         IterationConfig(name="it2", targets="teacher", clusters=100, steps=2500, init="previous"),
-        IterationConfig(name="it3", targets="teacher", clusters=100, steps=5000, init="previous")])
+        IterationConfig(name="it3", targets="teacher", clusters=100, steps=5000, init="previous"),
+        IterationConfig(name="it4", targets="teacher", clusters=100, steps=5000, init="previous")])
 
     def __post_init__(self):
         super().__post_init__()
