@@ -93,14 +93,15 @@ def _longest_first(job: tuple[str, list[str]]) -> int:
 
 
 def _run_job(label: str, args: list[str], log_dir: Path, threads: int) -> tuple[str, int, float, Path]:
-    """`qspeech <args>` (args[0] is the command) with `threads` torch threads, logged to log_dir/<label>.log."""
+    """`qspeech <args>` (args[0] is the command) with `threads` torch threads, appended to log_dir/<label>.log
+    (a rerun that finds the job done must not erase the log of the run that did it)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     exe = Path(sys.executable).parent / "qspeech"
     cmd = [str(exe) if exe.exists() else "qspeech", *args, "hydra/job_logging=none", "hydra/hydra_logging=none"]
     log = log_dir / (label.replace(" ", "_").replace("(", "").replace(")", "") + ".log")
     t = time.perf_counter()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd[1:]) + "\n")
+    with open(log, "a") as f:
+        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] " + " ".join(cmd[1:]) + "\n")
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     return label, rc, time.perf_counter() - t, log

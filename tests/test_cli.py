@@ -211,6 +211,17 @@ def test_demo_runs_the_longest_jobs_first_and_extra_seeds_last():
         "tiny_hubert full precision seed 1", "tiny_hubert rtn 2-bit seed 1"]
 
 
+def test_demo_job_logs_are_appended_not_replaced(tmp_path):
+    """A rerun of `qspeech demo` finds finished jobs in seconds; their logs must keep the run that did the work."""
+    from qspeech.demo import _run_job
+
+    for _ in range(2):
+        label, rc, _, log = _run_job("a job (x)", ["--help"], tmp_path, threads=1)
+        assert rc == 0 and log == tmp_path / "a_job_x.log"
+    text = log.read_text()
+    assert text.count("--help hydra/job_logging=none") == 2 and text.count("usage") >= 2
+
+
 def test_demo_searches_compose_on_the_demo_corpus(tmp_path):
     """Each mixed-precision row runs a plan that one of the demo's searches writes, and each search composes
     (typed) on the demo's own corpus and quantized modules."""
