@@ -8,7 +8,7 @@ tiny_hubert's random-initialised twin (two more heads: about 6 min on two cores)
 2-bit (rtn, and bit's QAT), then those plans run like the other rows.
 `--seeds 3` adds seeds 1 and 2 of the full-precision, 2-bit, 1-bit (and searched) rows (mean +- std).
 Jobs run as separate `qspeech run` processes (two at a time, one thread each: on two cores that beats one job
-with two threads), the longest (QAT) first so that the two workers finish together. Rerunning reuses
+with two threads), the longest first so that the two workers finish together. Rerunning reuses
 everything: each experiment's folder, trained head, features, QAT cache."""
 
 from __future__ import annotations
@@ -86,10 +86,11 @@ def search_commands(outputs: Path) -> list[tuple[str, list[str]]]:
 
 def _longest_first(job: tuple[str, list[str]]) -> tuple[bool, int]:
     """Sort key: the extra seeds reuse their upstream's features, so they go after the first seed of every
-    row; then QAT rows (they train their upstream before the head, 1-bit in two stages), FBANK (no upstream)
-    last."""
+    row; then the QAT 2-bit row (it distils its upstream before the head), the tiny_hubert rows in STUDY's
+    order (the QAT 1-bit row among them, late: its first stage is the 2-bit row's student, loaded from the
+    cache once that row has made it), FBANK (no upstream) last."""
     label, ov = job
-    cost = 0 if "model=fbank" in ov else (3 if "bits=1" in ov else 2) if "quant=bit" in ov else 1
+    cost = 0 if "model=fbank" in ov else 2 if "quant=bit" in ov and "bits=1" not in ov else 1
     return " seed " in label, -cost
 
 

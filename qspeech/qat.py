@@ -9,6 +9,7 @@ stages, the cache and the run folder's records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from qspeech.atomic import torch_save_atomic, write_json_atomic
 from qspeech.data import load_split, read_audio
@@ -117,11 +119,32 @@ def _audio_signature(paths) -> list:
     return sig
 
 
-def quant_cache_key(upstream, cfg: QuantConfig, bits: int, audio_paths) -> str:
-    payload = json.dumps({"v": CACHE_VERSION, "upstream": fingerprint(upstream), "quant": cache_dict(cfg),
-                          "bits": int(bits), "audio": _audio_signature(audio_paths or [])},
-                         sort_keys=True, default=str)
+def quant_cache_key(upstream, cfg: QuantConfig, bits: int, audio_paths, after: str | None = None) -> str:
+    """The key of a distilled upstream: `upstream` (full precision) distilled at `bits` with `cfg` on the audio;
+    `after`: the key of the stage that taught it (a chain's later stage), None for a first stage or a run."""
+    fields = {"v": CACHE_VERSION, "upstream": fingerprint(upstream), "quant": cache_dict(cfg), "bits": int(bits),
+              "audio": _audio_signature(audio_paths or [])}
+    if after is not None:
+        fields["after"] = after
+    payload = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _cache_file(cache_dir, upstream, method: str, bits: int, key: str) -> Path | None:
+    return Path(cache_dir) / "quant" / f"{upstream.spec.name}_{method}_b{bits}_{key}.pt" if cache_dir else None
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_file: Path | None):
+    """Held while one process distils what cache_file will hold: a sweep's parallel runs that need the same
+    student (e.g. `bits=2,1` with bit: the 1-bit chain's first stage is the 2-bit run) wait for it instead of
+    training it twice."""
+    if cache_file is None:
+        yield
+        return
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_file) + ".lock"):
+        yield
 
 
 def _freeze(upstream):
@@ -215,26 +238,26 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
                           "was given; provide the data set, or set quant.steps=0 for the untrained quantizer")
     audio_paths = [str(p) for p in audio_paths]
     key = quant_cache_key(upstream, cfg, bits, audio_paths)
-    cache_file = (Path(cache_dir) / "quant" / f"{upstream.spec.name}_{cfg.method}_b{bits}_{key}.pt") if cache_dir else None
+    cache_file = _cache_file(cache_dir, upstream, cfg.method, bits, key)
     run_dir = Path(run_dir) if run_dir else None
     info = {"key": key, "method": cfg.method, "bits": bits, "cache": str(cache_file) if cache_file else None}
+    with _cache_lock(cache_file):
+        if cache_file is not None and cache_file.exists():
+            state = torch.load(cache_file, map_location="cpu", weights_only=True)
+            quantize_(upstream, cfg, bits)
+            upstream.model.load_state_dict(state["model"])
+            info.update(state.get("info", {}), cache=str(cache_file), from_cache=True)
+            log.info("loaded distilled %s %d-bit upstream from %s", cfg.method, bits, cache_file)
+            _write_info(run_dir, info)
+            return _freeze(upstream)
 
-    if cache_file is not None and cache_file.exists():
-        state = torch.load(cache_file, map_location="cpu", weights_only=True)
+        t0 = time.time()
+        student = _distill(upstream, cfg, bits, audio_paths, key, run_dir, progress, info, cache_dir)
         quantize_(upstream, cfg, bits)
-        upstream.model.load_state_dict(state["model"])
-        info.update(state.get("info", {}), from_cache=True)
-        log.info("loaded distilled %s %d-bit upstream from %s", cfg.method, bits, cache_file)
-        _write_info(run_dir, info)
-        return _freeze(upstream)
-
-    t0 = time.time()
-    student = _distill(upstream, cfg, bits, audio_paths, key, run_dir, progress, info)
-    quantize_(upstream, cfg, bits)
-    upstream.model.load_state_dict(student.model.state_dict())
-    info.update(seconds=round(time.time() - t0, 2), from_cache=False)
-    if cache_file is not None:
-        torch_save_atomic({"model": upstream.model.state_dict(), "info": info}, cache_file)
+        upstream.model.load_state_dict(student.model.state_dict())
+        info.update(seconds=round(time.time() - t0, 2), from_cache=False)
+        if cache_file is not None:
+            torch_save_atomic({"model": upstream.model.state_dict(), "info": info}, cache_file)
     _write_info(run_dir, info)
     return _freeze(upstream)
 
@@ -250,17 +273,20 @@ def quantize_upstream(cfg, upstream, run_dir=None, progress: bool = True):
 
 
 def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key: str, run_dir: Path | None,
-             progress: bool, info: dict):
+             progress: bool, info: dict, cache_dir=None):
     """The method's distillation stages (bit at 1 bit: FP -> 2-bit -> 1-bit; bit_exact: W1A4 -> W1A2 -> W1A1),
     each stage's teacher the previous stage's student; returns the last student and records the stages in
-    info["stages"]."""
+    info["stages"]. A stage before the last is cached under cache_dir by its chain: the 1-bit chain's 2-bit
+    stage is the 2-bit run's student (same key, same file), so a sweep over bits distils it once."""
     sampler = _AudioSampler(audio_paths, cfg.batch_size, cfg.max_seconds, cfg.seed)
-    torch.manual_seed(int(cfg.seed))
     method = get_method(cfg.method)
+    plan = method.distill_plan(cfg, bits)
     teacher = _freeze(clone_model(upstream))
-    previous = None
+    previous, stage_key = None, None
     info["stages"] = []
-    for i, (b, stage_cfg) in enumerate(method.distill_plan(cfg, bits)):
+    for i, (b, stage_cfg) in enumerate(plan):
+        # seeded per stage, so that a stage trains alike whether its predecessor was trained or loaded
+        torch.manual_seed(int(cfg.seed) + i)
         if previous is None or method.stage_start == "full_precision":
             student = clone_model(upstream)
         else:  # the next student starts from the previous student's latent weights
@@ -270,7 +296,22 @@ def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key:
         # a stage that differs from the run's config in more than its bits names its activation bits too
         act = f"_a{stage_cfg.act_bits}" if stage_cfg is not cfg else ""
         ckpt = run_dir / "quant_ckpt" / f"stage{i}_b{b}{act}.pt" if run_dir else None
-        record = _distill_stage(student, teacher, sampler, stage_cfg, i, b, key, ckpt, progress, f"{b}bit{act}")
+        stage_key = quant_cache_key(upstream, stage_cfg, b, audio_paths, after=stage_key)
+        shared = _cache_file(cache_dir, upstream, cfg.method, b, stage_key) if i < len(plan) - 1 else None
+        with _cache_lock(shared):
+            if shared is not None and shared.exists():
+                student.model.load_state_dict(torch.load(shared, map_location="cpu", weights_only=True)["model"])
+                _freeze(student)
+                record = {"stage": i, "bits": b, "steps": int(stage_cfg.steps), "from_cache": str(shared)}
+                log.info("stage %d (%d-bit): loaded the distilled student from %s", i, b, shared)
+            else:
+                record = _distill_stage(student, teacher, sampler, stage_cfg, i, b, key, ckpt, progress,
+                                        f"{b}bit{act}")
+                if shared is not None:
+                    torch_save_atomic({"model": student.model.state_dict(),
+                                       "info": {"key": stage_key, "method": cfg.method, "bits": b,
+                                                "stages": [{**record, "stage": 0}], "seconds": record["seconds"],
+                                                "from_cache": False}}, shared)
         if stage_cfg.act_bits is not None:
             record["act_bits"] = int(stage_cfg.act_bits)
         info["stages"].append(record)

@@ -200,15 +200,17 @@ def test_demo_jobs_add_seeds_of_the_seeded_rows_and_the_real_speech_set():
     assert not any(label.startswith("fbank") and "seed" in label for label, _ in three)
 
 
-def test_demo_runs_the_longest_jobs_first_and_extra_seeds_last():
+def test_demo_runs_the_longest_jobs_first_qat_1_bit_after_2_bit_and_extra_seeds_last():
     from qspeech.demo import _longest_first, jobs
 
     order = [label for label, _ in sorted(jobs(2, real_speech=False), key=_longest_first)]
-    assert order[:2] == ["tiny_hubert bit (QAT) 1-bit", "tiny_hubert bit (QAT) 2-bit"]
+    # QAT 2-bit first; QAT 1-bit not beside it (its first stage is the 2-bit row's student, from the cache)
+    assert order[:2] == ["tiny_hubert bit (QAT) 2-bit", "tiny_hubert full precision"]
+    assert order.index("tiny_hubert bit (QAT) 1-bit") > 2
     firsts = [label for label in order if " seed " not in label]
     assert firsts[-1] == "fbank (no upstream)" and order[len(firsts):] == [
-        "tiny_hubert bit (QAT) 1-bit seed 1", "tiny_hubert bit (QAT) 2-bit seed 1",
-        "tiny_hubert full precision seed 1", "tiny_hubert rtn 2-bit seed 1"]
+        "tiny_hubert bit (QAT) 2-bit seed 1", "tiny_hubert full precision seed 1",
+        "tiny_hubert rtn 2-bit seed 1", "tiny_hubert bit (QAT) 1-bit seed 1"]
 
 
 def test_demo_job_logs_are_appended_not_replaced(tmp_path):

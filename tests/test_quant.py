@@ -501,7 +501,8 @@ def test_qat_chain_cache_and_resume(tiny, noise_wavs, tmp_path, monkeypatch):
     up = prepare_quantized_upstream(clone_upstream(tiny), cfg, 1, noise_wavs, tmp_path / "cache", run, progress=False)
     info = json.loads((run / "quant_distill.json").read_text())
     assert [s["bits"] for s in info["stages"]] == [2, 1]
-    assert info["stages"][0]["resumed_at"] == 3 and info["stages"][1]["resumed_at"] == 2
+    # the finished 2-bit stage went to the cache before the kill; the 1-bit stage resumes from its checkpoint
+    assert "_bit_b2_" in info["stages"][0]["from_cache"] and info["stages"][1]["resumed_at"] == 2
     assert not up.training and not any(p.requires_grad for p in up.parameters())
     qm = quantized_modules(up)
     assert qm and all(quantized_weight_parts(m)["bits"] == 1 for m in qm.values())
@@ -509,7 +510,30 @@ def test_qat_chain_cache_and_resume(tiny, noise_wavs, tmp_path, monkeypatch):
     up2 = prepare_quantized_upstream(clone_upstream(tiny), cfg, 1, noise_wavs, tmp_path / "cache", None, progress=False)
     s1, s2 = up.model.state_dict(), up2.model.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
-    assert len(list((tmp_path / "cache" / "quant").glob("*.pt"))) == 1
+    assert sorted(p.name.rsplit("_", 2)[1] for p in (tmp_path / "cache" / "quant").glob("*.pt")) == ["b1", "b2"]
+
+
+def test_qat_sweep_over_bits_distils_the_shared_stage_once(tiny, noise_wavs, tmp_path):
+    """bits=2 and bits=1 with bit, in either order: the 1-bit chain's 2-bit stage is the 2-bit run's student,
+    distilled once and loaded by the other run; the results are identical to those distilled alone."""
+    cfg = QuantConfig(method="bit", steps=3, batch_size=1, max_seconds=0.5)
+
+    def distil(bits, cache, run):
+        up = prepare_quantized_upstream(clone_upstream(tiny), cfg, bits, noise_wavs, cache, tmp_path / run,
+                                        progress=False)
+        return up.model.state_dict(), json.loads((tmp_path / run / "quant_distill.json").read_text())
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    one_alone, _ = distil(1, None, "alone")
+    two, two_info = distil(2, tmp_path / "a", "a2")
+    one, one_info = distil(1, tmp_path / "a", "a1")
+    assert one_info["stages"][0]["from_cache"] == two_info["cache"] and "from_cache" not in one_info["stages"][1]
+    assert same(one, one_alone)
+    _, first = distil(1, tmp_path / "b", "b1")
+    two_after, after = distil(2, tmp_path / "b", "b2")
+    assert not first["from_cache"] and after["from_cache"] and same(two_after, two)
 
 
 # ----------------------------------------------------------------------------------- slow: distillation
