@@ -10,7 +10,8 @@ Layout of `<cache_dir>/features/<key>/`:
                           files, shapes, upstream throughput, "complete": true
 
 A cache is built in `<cache_dir>/features/.tmp-<key>-<pid>-<rand>/` and renamed into place when
-complete, so a crash never leaves a directory that is served. A directory without a valid meta.json
+complete, so a crash never leaves a directory that is served; `<key>.lock` lets one process build a given
+cache while parallel runs that need it wait. A directory without a valid meta.json
 (or whose shards do not match it) is treated as missing and rebuilt.
 """
 
@@ -268,16 +269,32 @@ def _publish(tmp: Path, path: Path, meta: dict) -> FeatureStore:
     return FeatureStore.open(path)
 
 
+def _open_if_valid(path: Path) -> FeatureStore | None:
+    if not path.exists():
+        return None
+    try:
+        return FeatureStore.open(path)
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+        log.warning("feature cache %s is incomplete or corrupt (%s); rebuilding it", path, e)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
 def load_or_build(upstream, upstream_key: str, data_fingerprint: str, utts: Sequence,
                   read_audio: Callable[[str], np.ndarray], cache_dir: Path, *, device: torch.device,
                   batch_s: float = 60.0, progress: bool = False, desc: str = "features") -> tuple[FeatureStore, str]:
-    """The cached features for these utterances: ('hit' | 'miss')."""
+    """The cached features for these utterances: ('hit' | 'miss'). One process builds a given cache; a
+    parallel run that needs the same one (a sweep's seeds or head settings on one upstream) waits for it."""
+    from filelock import FileLock
+
     path = Path(cache_dir) / "features" / cache_key(upstream_key, data_fingerprint, utts)
-    if path.exists():
-        try:
-            return FeatureStore.open(path), "hit"
-        except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
-            log.warning("feature cache %s is incomplete or corrupt (%s); rebuilding it", path, e)
-            shutil.rmtree(path, ignore_errors=True)
-    store = build(upstream, utts, read_audio, path, device=device, batch_s=batch_s, progress=progress, desc=desc)
+    store = _open_if_valid(path)
+    if store is not None:
+        return store, "hit"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        store = _open_if_valid(path)  # built by another process while this one waited
+        if store is not None:
+            return store, "hit"
+        store = build(upstream, utts, read_audio, path, device=device, batch_s=batch_s, progress=progress, desc=desc)
     return store, "miss"

@@ -55,6 +55,29 @@ def test_changed_upstream_key_or_utterances_miss(upstream, corpus, tmp_path):
     assert cache_key("a", "d", corpus) != cache_key("a", "d2", corpus)
 
 
+def test_parallel_runs_build_one_cache_once(upstream, corpus, tmp_path, monkeypatch):
+    """Two runs that need the same features at once (a parallel sweep over seeds): one builds, one waits."""
+    import threading
+    import time
+
+    real_build, builds = feature_cache.build, []
+
+    def slow_build(*a, **k):
+        builds.append(1)
+        time.sleep(0.5)  # the other run asks while this one is building
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(feature_cache, "build", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(_build(upstream, corpus, tmp_path / "c"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and sorted(st for _, st in got) == ["hit", "miss"]
+    assert got[0][0].path == got[1][0].path and len(got[0][0]) == len(got[1][0]) == 4
+
+
 def test_crash_mid_build_leaves_nothing_served(upstream, corpus, tmp_path):
     calls = {"n": 0}
 
@@ -67,7 +90,8 @@ def test_crash_mid_build_leaves_nothing_served(upstream, corpus, tmp_path):
     with pytest.raises(RuntimeError):
         _build(upstream, corpus, tmp_path / "c", reader=flaky)
     root = tmp_path / "c" / "features"
-    assert list(root.iterdir()) == []  # neither a final dir nor the temp dir
+    # neither a final dir nor the temp dir (only the empty lock file that kept parallel runs from building twice)
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
     assert _build(upstream, corpus, tmp_path / "c")[1] == "miss"
 
 
