@@ -1,6 +1,7 @@
 """The ASR head's BiLSTM on CPU: qspeech.tasks.rnn.BiLSTM (two unidirectional LSTMs on padded batches, the
 backward one on per-sequence reversed input) against nn.LSTM(bidirectional=True) on packed sequences (s3prl's
-RNNLayer), the same weights and the same outputs. One training step (forward + backward) of one layer.
+RNNLayer), the same weights and the same outputs. One training step (forward + backward) of one layer; also
+rnn.BiLSTM under bf16 autocast (fast where the CPU has AVX-512 BF16 or AMX, but not the same numbers).
 
     python benchmarks/bench_head.py [--threads 1] [--batch 16] [--frames 80] [--repeats 20]
 
@@ -46,10 +47,15 @@ def main() -> None:
     def padded():
         return ours(x, lens)
 
+    def padded_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ours(x, lens).float()
+
     diff = (packed() - padded()).abs().max().item()
+    diff_bf16 = (padded_bf16() - padded()).abs().max().item()
     times = {}
     for _ in range(2):  # interleaved rounds: both see the same machine state
-        for name, fn in (("packed nn.LSTM", packed), ("rnn.BiLSTM", padded)):
+        for name, fn in (("packed nn.LSTM", packed), ("rnn.BiLSTM", padded), ("rnn.BiLSTM bf16", padded_bf16)):
             for _ in range(a.repeats // 2):
                 t = time.perf_counter()
                 fn().sum().backward()
@@ -58,8 +64,8 @@ def main() -> None:
     for name, ts in times.items():
         m = statistics.median(ts)
         print(f"{name:16s} {m * 1e3:8.1f} ms/step  {base / m:5.2f}x")
-    print(f"max abs output difference: {diff:.2e} (batch {a.batch}, {a.frames} frames, size {a.size}, "
-          f"{a.threads} thread(s))")
+    print(f"max abs output difference: {diff:.2e} rnn.BiLSTM vs packed, {diff_bf16:.2e} bf16 vs fp32 (batch "
+          f"{a.batch}, {a.frames} frames, size {a.size}, {a.threads} thread(s))")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ STUDY: list[tuple[str, list[str]]] = [
     ("tiny_distilhubert full precision", ["model=tiny_distilhubert", "bits=32"]),
     ("fbank (no upstream)", ["model=fbank", "bits=32"]),
 ]
-# Rows only with `--all`: they keep `make demo` inside 30 min on two cores (rtn 4-bit sits beside 8-bit, within
+# Rows only with `--all`: they keep `make demo` near 30 min on two cores (rtn 4-bit sits beside 8-bit, within
 # a point of full precision; the random-init head reaches 100 % WER: FBANK shows what pretraining adds).
 EXTRA = ("tiny_hubert rtn 4-bit", "tiny_hubert random init")
 # `--search`: the rows that run the SEARCHES plans
