@@ -363,7 +363,8 @@ def _cmd_run(cfg: RunConfig, run_dir: Path) -> float | list[float]:
         result = run(cfg, run_dir)
         logger.log_metrics(_final_metrics(result), step=(result.metrics.steps or 0) if result.metrics else 0)
     metric = f"{result.metric}={result.value:.2f}" if result.value is not None else ""
-    log.info(f"[qspeech] {cfg.model.name} {cfg.quant.method} {cfg.bits}-bit {cfg.task.name}: {metric} "
+    quant = "full precision" if int(cfg.bits) >= 32 else f"{cfg.quant.method} {cfg.bits}-bit"
+    log.info(f"[qspeech] {cfg.model.name} {quant} {cfg.task.name}: {metric} "
              f"storage {result.storage_mb:.2f} MB, est. runtime {result.est_runtime:.3f} -> {run_dir}/result.json")
     return _objective(cfg, result)
 
