@@ -300,9 +300,12 @@ def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key:
         shared = _cache_file(cache_dir, upstream, cfg.method, b, stage_key) if i < len(plan) - 1 else None
         with _cache_lock(shared):
             if shared is not None and shared.exists():
-                student.model.load_state_dict(torch.load(shared, map_location="cpu", weights_only=True)["model"])
+                state = torch.load(shared, map_location="cpu", weights_only=True)
+                student.model.load_state_dict(state["model"])
                 _freeze(student)
-                record = {"stage": i, "bits": b, "steps": int(stage_cfg.steps), "from_cache": str(shared)}
+                # the losses and time of the run that distilled it
+                made = {k: v for k, v in (state.get("info", {}).get("stages") or [{}])[-1].items() if k != "resumed_at"}
+                record = {**made, "stage": i, "bits": b, "steps": int(stage_cfg.steps), "from_cache": str(shared)}
                 log.info("stage %d (%d-bit): loaded the distilled student from %s", i, b, shared)
             else:
                 record = _distill_stage(student, teacher, sampler, stage_cfg, i, b, key, ckpt, progress,

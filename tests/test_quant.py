@@ -530,6 +530,9 @@ def test_qat_sweep_over_bits_distils_the_shared_stage_once(tiny, noise_wavs, tmp
     two, two_info = distil(2, tmp_path / "a", "a2")
     one, one_info = distil(1, tmp_path / "a", "a1")
     assert one_info["stages"][0]["from_cache"] == two_info["cache"] and "from_cache" not in one_info["stages"][1]
+    # the loaded stage's record keeps the losses of the run that distilled it
+    assert [one_info["stages"][0][k] for k in ("loss_first", "loss_last")] == [two_info["stages"][0][k]
+                                                                             for k in ("loss_first", "loss_last")]
     assert same(one, one_alone)
     _, first = distil(1, tmp_path / "b", "b1")
     two_after, after = distil(2, tmp_path / "b", "b2")
