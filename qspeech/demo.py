@@ -86,9 +86,9 @@ def search_commands(outputs: Path) -> list[tuple[str, list[str]]]:
 
 def _longest_first(job: tuple[str, list[str]]) -> tuple[bool, int]:
     """Sort key: the extra seeds reuse their upstream's features, so they go after the first seed of every
-    row; then the QAT 2-bit row (it distils its upstream before the head), the tiny_hubert rows in STUDY's
-    order (the QAT 1-bit row among them, late: its first stage is the 2-bit row's student, loaded from the
-    cache once that row has made it), FBANK (no upstream) last."""
+    row; then the QAT 2-bit row (it distils its upstream before the head), the other upstreams' rows in
+    STUDY's order (the QAT 1-bit row among them, late: its first stage is the 2-bit row's student, loaded
+    from the cache once that row has made it), FBANK (no upstream) last."""
     label, ov = job
     cost = 0 if "model=fbank" in ov else 2 if "quant=bit" in ov and "bits=1" not in ov else 1
     return " seed " in label, -cost
