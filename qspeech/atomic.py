@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 
 from qspeech.errors import RunLockedError, StorageError
 
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -174,3 +176,30 @@ def folder_lock(folder: str | Path) -> Iterator[str | None]:
             os.ftruncate(fd, 0)  # a clean exit leaves no holder behind; a killed one leaves its line (stale)
     finally:
         os.close(fd)  # releases the flock
+
+
+# ---------------------------------------------------------------- one builder per cache entry
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+@contextmanager
+def build_lock(path: str | Path) -> Iterator[None]:
+    """Held while one process builds a cache entry that parallel runs also need (a corpus split, an
+    upstream's features, a distilled student): the others wait, then load it instead of building it again.
+    On a file system without flock (some network mounts) the build goes on unlocked, as folder_lock does:
+    parallel runs may then repeat the work, never corrupt it (entries are published atomically)."""
+    from filelock import FileLock
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire()
+    except (NotImplementedError, OSError) as e:  # filelock says "no flock" one way or the other by version
+        if isinstance(e, OSError) and e.errno not in _NO_FLOCK:
+            raise
+        log.warning("no file locking at %s (%s): parallel runs may repeat this work", path, e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from qspeech.atomic import build_lock
 from qspeech.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -285,14 +286,12 @@ def load_or_build(upstream, upstream_key: str, data_fingerprint: str, utts: Sequ
                   batch_s: float = 60.0, progress: bool = False, desc: str = "features") -> tuple[FeatureStore, str]:
     """The cached features for these utterances: ('hit' | 'miss'). One process builds a given cache; a
     parallel run that needs the same one (a sweep's seeds or head settings on one upstream) waits for it."""
-    from filelock import FileLock
-
     path = Path(cache_dir) / "features" / cache_key(upstream_key, data_fingerprint, utts)
     store = _open_if_valid(path)
     if store is not None:
         return store, "hit"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with build_lock(str(path) + ".lock"):
         store = _open_if_valid(path)  # built by another process while this one waited
         if store is not None:
             return store, "hit"

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 
-from qspeech.atomic import torch_save_atomic, write_json_atomic
+from qspeech.atomic import build_lock, torch_save_atomic, write_json_atomic
 from qspeech.data import load_split, read_audio
 from qspeech.errors import ConfigError, DataError
 from qspeech.feature_cache import pad_waves
@@ -143,7 +142,7 @@ def _cache_lock(cache_file: Path | None):
         yield
         return
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_file) + ".lock"):
+    with build_lock(str(cache_file) + ".lock"):
         yield
 
 

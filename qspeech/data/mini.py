@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qspeech.atomic import ensure_folder, write_text_atomic
+from qspeech.atomic import build_lock, ensure_folder, write_text_atomic
 from qspeech.data.config import SPLITS, DataConfig, MiniConfig
 from qspeech.data.text import normalize_text, number_to_words
 from qspeech.errors import ConfigError, DataError
@@ -399,8 +399,6 @@ def _write_split_files(tmp: Path, split: str, rows: list[dict], speakers: list[d
 
 def ensure_split(cfg: DataConfig, split: str, cache_dir, progress: bool = True) -> Path:
     """Build the mini corpus split if it is not complete yet; return the corpus root."""
-    from filelock import FileLock
-
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     root = mini_root(cfg, cache_dir)
@@ -408,7 +406,7 @@ def ensure_split(cfg: DataConfig, split: str, cache_dir, progress: bool = True) 
     if final.is_dir():
         return root
     ensure_folder(root, "the corpus cache", "set QSPEECH_CACHE to a writable folder")
-    with FileLock(str(root / f".{split}.lock")):
+    with build_lock(root / f".{split}.lock"):
         if final.is_dir():  # another process finished it while we waited
             return root
         for stale in root.glob(f".tmp-{split}-*"):  # an interrupted build: never reused

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qspeech.atomic import build_lock
 from qspeech.checks import integer, pair
 from qspeech.data.labeled import LabeledUtterance
 from qspeech.errors import ConfigError, DataError
@@ -209,14 +210,12 @@ def _build(task: str, cfg: SynthConfig, split: str, tmp: Path, progress: bool) -
 
 
 def _ensure(task: str, cfg: SynthConfig, split: str, cache_dir, progress: bool) -> Path:
-    from filelock import FileLock
-
     root = synth_root(task, cfg, cache_dir)
     final = root / split
     if (final / "labels.tsv").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{split}.lock")):
+    with build_lock(root / f".{split}.lock"):
         if (final / "labels.tsv").is_file():
             return final
         shutil.rmtree(final, ignore_errors=True)
