@@ -193,13 +193,14 @@ def build_lock(path: str | Path) -> Iterator[None]:
     lock = FileLock(str(path))
     try:
         lock.acquire()
+        held = True
     except (NotImplementedError, OSError) as e:  # filelock says "no flock" one way or the other by version
         if isinstance(e, OSError) and e.errno not in _NO_FLOCK:
             raise
         log.warning("no file locking at %s (%s): parallel runs may repeat this work", path, e)
-        yield
-        return
+        held = False
     try:
         yield
     finally:
-        lock.release()
+        if held:
+            lock.release()
