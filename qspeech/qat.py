@@ -118,11 +118,16 @@ def _audio_signature(paths) -> list:
     return sig
 
 
-def quant_cache_key(upstream, cfg: QuantConfig, bits: int, audio_paths, after: str | None = None) -> str:
-    """The key of a distilled upstream: `upstream` (full precision) distilled at `bits` with `cfg` on the audio;
-    `after`: the key of the stage that taught it (a chain's later stage), None for a first stage or a run."""
-    fields = {"v": CACHE_VERSION, "upstream": fingerprint(upstream), "quant": cache_dict(cfg), "bits": int(bits),
-              "audio": _audio_signature(audio_paths or [])}
+def distill_source(upstream, audio_paths) -> dict:
+    """What every distilled student of one run starts from: the full-precision upstream's fingerprint and
+    the audio list (computed once per run: hashing Base's weights and stat-ing the audio are not free)."""
+    return {"upstream": fingerprint(upstream), "audio": _audio_signature(audio_paths or [])}
+
+
+def quant_cache_key(source: dict, cfg: QuantConfig, bits: int, after: str | None = None) -> str:
+    """The key of a distilled upstream: `source` (distill_source) distilled at `bits` with `cfg`; `after`:
+    the key of the stage that taught it (a chain's later stage), None for a first stage or a run."""
+    fields = {"v": CACHE_VERSION, **source, "quant": cache_dict(cfg), "bits": int(bits)}
     if after is not None:
         fields["after"] = after
     payload = json.dumps(fields, sort_keys=True, default=str)
@@ -236,7 +241,8 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
         raise ConfigError(f"quant.method={cfg.method} distils the quantized upstream on unlabeled audio, but no audio "
                           "was given; provide the data set, or set quant.steps=0 for the untrained quantizer")
     audio_paths = [str(p) for p in audio_paths]
-    key = quant_cache_key(upstream, cfg, bits, audio_paths)
+    source = distill_source(upstream, audio_paths)
+    key = quant_cache_key(source, cfg, bits)
     cache_file = _cache_file(cache_dir, upstream, cfg.method, bits, key)
     run_dir = Path(run_dir) if run_dir else None
     info = {"key": key, "method": cfg.method, "bits": bits, "cache": str(cache_file) if cache_file else None}
@@ -251,7 +257,7 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
             return _freeze(upstream)
 
         t0 = time.time()
-        student = _distill(upstream, cfg, bits, audio_paths, key, run_dir, progress, info, cache_dir)
+        student = _distill(upstream, cfg, bits, audio_paths, key, run_dir, progress, info, cache_dir, source)
         quantize_(upstream, cfg, bits)
         upstream.model.load_state_dict(student.model.state_dict())
         info.update(seconds=round(time.time() - t0, 2), from_cache=False)
@@ -272,7 +278,7 @@ def quantize_upstream(cfg, upstream, run_dir=None, progress: bool = True):
 
 
 def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key: str, run_dir: Path | None,
-             progress: bool, info: dict, cache_dir=None):
+             progress: bool, info: dict, cache_dir, source: dict):
     """The method's distillation stages (bit at 1 bit: FP -> 2-bit -> 1-bit; bit_exact: W1A4 -> W1A2 -> W1A1),
     each stage's teacher the previous stage's student; returns the last student and records the stages in
     info["stages"]. A stage before the last is cached under cache_dir by its chain: the 1-bit chain's 2-bit
@@ -295,7 +301,7 @@ def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key:
         # a stage that differs from the run's config in more than its bits names its activation bits too
         act = f"_a{stage_cfg.act_bits}" if stage_cfg is not cfg else ""
         ckpt = run_dir / "quant_ckpt" / f"stage{i}_b{b}{act}.pt" if run_dir else None
-        stage_key = quant_cache_key(upstream, stage_cfg, b, audio_paths, after=stage_key)
+        stage_key = quant_cache_key(source, stage_cfg, b, after=stage_key)
         shared = _cache_file(cache_dir, upstream, cfg.method, b, stage_key) if i < len(plan) - 1 else None
         with _cache_lock(shared):
             if shared is not None and shared.exists():
