@@ -60,24 +60,14 @@ def fail(msg: str, code: int = EXIT_USER_ERROR) -> None:
     sys.exit(code)
 
 
-# Keys that do not change what a run computes: the same experiment logged elsewhere or tuned towards another
-# objective lands in the same run folder (and older folders keep their names).
-NOT_IN_RUN_NAME = ("hydra", "cache_dir", "logger", "optimized_metric")
-
-
 def _register_resolvers() -> None:
-    from qspeech.runner import run_id
+    from qspeech.identity import run_name
 
-    def run_name(*, _root_: DictConfig) -> str:
-        cfg = OmegaConf.masked_copy(_root_, [k for k in _root_.keys() if k not in NOT_IN_RUN_NAME])
-        quant = "fp" if int(cfg.bits) >= 32 else cfg.quant.method
-        init = "" if cfg.model.init == "pretrained" else f"-{cfg.model.init}"
-        task = cfg.task.name if "task" in cfg else "none"
-        data = cfg.data.name if "data" in cfg else "none"
-        return f"{cfg.model.name}{init}_{quant}_b{cfg.bits}_{task}_{data}_{run_id(cfg)}"
+    def resolve_run_name(*, _root_: DictConfig) -> str:
+        return run_name(to_typed(_root_))
 
     if not OmegaConf.has_resolver("qspeech_run_name"):
-        OmegaConf.register_new_resolver("qspeech_run_name", run_name)
+        OmegaConf.register_new_resolver("qspeech_run_name", resolve_run_name)
 
 
 # ---------------------------------------------------------------- Hydra's command line

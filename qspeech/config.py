@@ -19,7 +19,7 @@ checks it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,7 @@ from qspeech.quant.registry import quant_schemas
 from qspeech.tasks import TaskConfig, task_schemas
 from qspeech.train import TrainConfig
 from qspeech.upstream.config import ModelConfig
+from qspeech.identity import outside, runtime
 
 
 
@@ -110,17 +111,17 @@ class RunConfig:
     bits: int = 32
     seed: int = 0
     # Set by the CLI (run | cost | data | ...); names the output folder.
-    command: str = "run"
+    command: str = outside("run")
     # Caches shared between runs: the synthesized corpus, upstream features, distilled quantized upstreams.
-    cache_dir: str = MISSING
-    cost: CostConfig = field(default_factory=CostConfig)
-    export: bool = True  # write the bit-packed upstream (safetensors) at the end of a run
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cache_dir: str = outside(MISSING)
+    cost: CostConfig = runtime(default_factory=CostConfig)
+    export: bool = runtime(True)  # write the bit-packed upstream (safetensors) at the end of a run
+    bench: BenchConfig = runtime(default_factory=BenchConfig)
+    logger: LoggerConfig = outside(default_factory=LoggerConfig)
     # What `qspeech run` returns to a sweeper (conf/hparams_search/): "dev" (the dev score of the task's
     # metric, e.g. dev WER), another dev_<metric> the task reports, or an accounting value (storage_mb,
     # est_runtime, ...); a list of them for a multi-objective sweep. Never a test score.
-    optimized_metric: Any = "dev"
+    optimized_metric: Any = outside("dev")
 
     def __post_init__(self):
         need(self.bits in BITS and not isinstance(self.bits, bool), "bits", self.bits,

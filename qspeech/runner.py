@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -19,32 +18,6 @@ from qspeech.results import COST_FILE, FAILURE_FILE, RESULT_FILE, RunResult, git
 from qspeech.seeding import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def run_id(cfg: DictConfig) -> str:
-    """A short hash of the resolved config (minus Hydra's node): the same experiment always gets the same
-    run folder, so a killed run restarted with the same command resumes there."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("hydra", "command"):
-        plain.pop(k, None)
-    # A policy that only decides whether a run may go on, never its numbers: adding it kept every folder.
-    if isinstance(plain.get("data"), dict):
-        plain["data"].pop("max_skipped", None)
-    _drop_neutral_keys(plain)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def _drop_neutral_keys(plain: dict) -> None:
-    """Keys added after runs were recorded, at the value that reproduces the earlier behaviour, leave the hash
-    (QuantConfig's KEY_NEUTRAL, a task config class's KEY_NEUTRAL): adding them kept every folder's name."""
-    from qspeech.quant.config import KEY_NEUTRAL, drop_neutral
-    from qspeech.tasks import TASKS
-
-    if isinstance(plain.get("quant"), dict):
-        drop_neutral(plain["quant"], KEY_NEUTRAL)
-    task = plain.get("task")
-    if isinstance(task, dict) and task.get("kind") in TASKS:
-        drop_neutral(task, getattr(TASKS[task["kind"]].config, "KEY_NEUTRAL", {}))
 
 
 def _now() -> str:

@@ -22,6 +22,7 @@ from qspeech.atomic import torch_save_atomic, write_text_atomic
 from qspeech.checks import choice, integer, need, number
 from qspeech.errors import ConfigError, TrainingError
 from qspeech.loop import STATE_VERSION, Job, LoopConfig, Step, linear_warmup_decay, read_checkpoint, run
+from qspeech.identity import runtime
 
 
 @dataclass
@@ -40,23 +41,23 @@ class TrainConfig:
     # within a window, batched, and the batch order shuffled again.
     bucket_window: int = 50
     eval_every: int = 300
-    save_every: int | None = None  # checkpoint interval in steps; null: eval_every
-    log_every: int = 25
+    save_every: int | None = runtime(None)  # checkpoint interval in steps; null: eval_every
+    log_every: int = runtime(25)
     grad_clip: float | None = 1.0  # max global grad norm; 0 or null: no clipping
     # Learning-rate schedule over max_steps: constant (s3prl's SUPERB ASR) | linear (decay to 0: a short
     # run ends annealed instead of at its noisiest); warmup_steps of linear warmup first.
     lr_schedule: str = "linear"
     warmup_steps: int = 0
-    resume: bool = True
+    resume: bool = runtime(True)
     # Where the resumable training state lives; null: <cache_dir>/runs/<hash of everything that
     # determines the result>, so re-running a killed command resumes it whatever its output folder.
-    ckpt_dir: str | None = None
+    ckpt_dir: str | None = runtime(None)
     # Upstream feature cache: auto (on when the estimated size fits cache_max_gb) | true | false.
-    cache_features: Any = "auto"
-    cache_max_gb: float = 20.0
-    feature_batch_s: float = 60.0  # seconds of (padded) audio per upstream forward when extracting
-    eval_batch_size: int = 32
-    num_threads: int | None = None  # torch CPU threads; null: torch's default
+    cache_features: Any = runtime("auto")
+    cache_max_gb: float = runtime(20.0)
+    feature_batch_s: float = runtime(60.0)  # seconds of (padded) audio per upstream forward when extracting
+    eval_batch_size: int = runtime(32)
+    num_threads: int | None = runtime(None)  # torch CPU threads; null: torch's default
 
     def __post_init__(self):
         need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"), "device", self.device,

@@ -9,6 +9,7 @@ from typing import Any
 
 from qspeech.checks import FieldError, integer, need, number, pair, typed
 from qspeech.errors import ConfigError
+from qspeech.identity import outside, runtime
 
 __all__ = ["SPLITS", "KINDS", "DataConfig", "MiniConfig", "data_config", "check_data_paths", "resolve_path"]
 
@@ -48,7 +49,7 @@ class MiniConfig:
     # Background noise SNR range in dB (white noise, per utterance), or null for clean audio.
     noise_snr_db: list[float] | None = field(default_factory=lambda: [30.0, 50.0])
     # Worker processes for the build (null: up to 2, never more than the CPU count). Does not change content.
-    workers: int | None = None
+    workers: int | None = runtime(None)
 
     def __post_init__(self):
         for k in ("n_train", "n_dev", "n_test", "n_unlabeled", "unlabeled_speakers"):
@@ -105,7 +106,7 @@ class DataConfig:
     mini: MiniConfig = field(default_factory=MiniConfig)
     # Unusable utterances (missing / empty / unreadable audio, empty transcript) are skipped and counted
     # (result.json: metrics.skipped_audio) up to this fraction of a split; above it loading fails (exit 2).
-    max_skipped: float = 0.05
+    max_skipped: float = outside(0.05)
 
     def __post_init__(self):
         need(self.kind in KINDS, "kind", self.kind, f"is unknown; use one of {', '.join(KINDS)}")

@@ -9,7 +9,6 @@ and one composed from the YAML agree. Checks that need no model run when the obj
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -19,19 +18,15 @@ from qspeech.checks import FieldError, choice, integer, need, number, typed
 from qspeech.errors import ConfigError
 from qspeech.quant.registry import get_method
 from qspeech.quant.targets import check_targets, select_targets
+from qspeech.identity import identity_dict, runtime
 
 GRANULARITIES = ("tensor", "channel", "group")
 DISTILL_LOSSES = ("l1_cos", "mse")
 CLIPS = ("minmax", "mse")
-# Config fields that change nothing about the quantized weights (left out of cache keys).
-NON_SEMANTIC = ("log_every", "ckpt_every")
 # Fields that only QAT (distillation) reads: left out of the cache keys of PTQ methods.
 QAT_FIELDS = ("steps", "lr", "batch_size", "max_seconds", "distill_loss", "cos_weight", "weight_decay", "grad_clip",
               "multi_distill", "grad_scale_n")
 GRAD_SCALE_N = ("row", "layer")
-# Fields added after runs were recorded, with the value that reproduces the earlier behaviour: left out of run
-# folder names and cache keys while they hold it, so existing runs and caches keep their keys (key_dict).
-KEY_NEUTRAL = {"grad_scale_n": "row"}
 
 
 @dataclass
@@ -73,8 +68,8 @@ class QuantConfig:
     # N of LSQ's gradient scale g = 1/sqrt(N * Qp) for a weight step (lsq, bit's 2-bit stage): 'row' the
     # weights sharing the step (qspeech's default; the demo's numbers), 'layer' the layer's N_W (the LSQ paper).
     grad_scale_n: str = "row"
-    log_every: int = 25
-    ckpt_every: int = 100
+    log_every: int = runtime(25)
+    ckpt_every: int = runtime(100)
 
     def __new__(cls, *args, **kwargs):
         if cls is QuantConfig:  # the method's own class, whose defaults are its YAML's
@@ -212,27 +207,14 @@ def overhead_values(cfg, weight_shape: tuple, bits: int) -> int:
     return get_method(cfg.method).overhead(cfg, shape, n_scale_groups(cfg, shape), int(bits))
 
 
-def drop_neutral(d: dict, neutral: Mapping) -> dict:
-    """`d` (a config as a dict) without the keys that hold their KEY_NEUTRAL value (nested mappings
-    recursively), in place; returns d."""
-    for k, v in neutral.items():
-        if isinstance(v, Mapping) and isinstance(d.get(k), dict):
-            drop_neutral(d[k], v)
-        elif k in d and d[k] == v:
-            del d[k]
-    return d
-
-
 def key_dict(cfg: QuantConfig) -> dict:
-    """The config as a dict for run keys: every field but those at their KEY_NEUTRAL value."""
-    return drop_neutral(dataclasses.asdict(cfg), KEY_NEUTRAL)
+    """The config's result fields (qspeech.identity) as a dict, for run and cache keys."""
+    return identity_dict(cfg)
 
 
 def cache_dict(cfg: QuantConfig) -> dict:
     """The config fields that determine the quantized model (for cache keys)."""
     d = key_dict(cfg)
-    for k in NON_SEMANTIC:
-        d.pop(k, None)
     if not get_method(cfg.method).needs_distillation:
         for k in QAT_FIELDS:
             d.pop(k, None)

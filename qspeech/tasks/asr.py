@@ -17,13 +17,11 @@ and specaug.max_width_exclusive its SpecAugment draw (s3prl/downstream/specaug.p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from torch import nn
 
 from qspeech.checks import choice, integer, need, number
 from qspeech.errors import ConfigError, DataError
-from qspeech.quant.config import drop_neutral
+from qspeech.identity import identity_dict, stable_hash
 from qspeech.tasks.config import Task, TaskConfig
 from qspeech.tasks.ctc import greedy_decode
 from qspeech.tasks.metrics import TaskMetrics
@@ -101,11 +99,6 @@ class ASRConfig(TaskConfig):
     # s3prl: s3prl's dictionary (fairseq's <s> <pad> </s> <unk> + char.dict, 32 symbols, targets ending '|' </s>);
     # qspeech: 29 symbols (qspeech/tasks/vocab.py).
     vocab: str = "s3prl"
-
-    # Fields added after runs were recorded, at the value that reproduces the earlier behaviour: left out of run
-    # folder names and head keys while they hold it (asr_small's keys did not change).
-    KEY_NEUTRAL: ClassVar[dict] = {"s3prl_exact": False, "vocab": "qspeech",
-                                   "specaug": {"max_width_exclusive": False}}
 
     def __post_init__(self):
         super().__post_init__()
@@ -396,13 +389,9 @@ def data_api():
 
 
 def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
-             if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
     # head 2: the resumable state holds rnn.BiLSTM's fwd/bwd parameters (1: nn.LSTM's); never resume across
-    task = drop_neutral(dataclasses.asdict(cfg.task), getattr(type(cfg.task), "KEY_NEUTRAL", {}))
-    blob = json.dumps({"upstream": upstream_key, "task": task, "train": train,
-                       "data": data_fps, "seed": cfg.seed, "head": 2}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return stable_hash({"upstream": upstream_key, "task": identity_dict(cfg.task), "train": identity_dict(cfg.train),
+                        "data": data_fps, "seed": cfg.seed, "head": 2}, 20)
 
 
 def feature_sources(upstream, upstream_key: str, utts: dict, data_fps: dict, read_audio, cache_dir: Path, trcfg,

@@ -18,6 +18,11 @@ def higher_is_better(metric: str) -> bool:
     return HIGHER_IS_BETTER.get(metric, False)
 
 
+def metric_unit(metric: str) -> str:
+    """The unit a metric's values are written in (every built-in metric is a percentage)."""
+    return "%"
+
+
 def _pairs(refs: list[str], hyps: list[str]) -> tuple[list[str], list[str]]:
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")

@@ -30,6 +30,7 @@ from torch import nn
 from qspeech.checks import choice, integer, number
 from qspeech.data.synth_tasks import SynthConfig
 from qspeech.errors import ConfigError, DataError, TrainingError
+from qspeech.identity import identity_dict, stable_hash
 from qspeech.tasks.asr import Featurizer
 from qspeech.tasks.config import TaskConfig
 from qspeech.tasks.metrics import TaskMetrics
@@ -163,11 +164,8 @@ class ClassificationTask:
 
 
 def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
-             if k not in ("resume", "ckpt_dir", "num_threads", "log_every")}
-    blob = json.dumps({"upstream": upstream_key, "task": dataclasses.asdict(cfg.task), "train": train,
-                       "data": data_fps, "seed": cfg.seed}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return stable_hash({"upstream": upstream_key, "task": identity_dict(cfg.task), "train": identity_dict(cfg.train),
+                        "data": data_fps, "seed": cfg.seed}, 20)
 
 
 def run_classification(cfg, upstream, run_dir: Path, upstream_key: str, splits: dict, slots: list[list[str]],

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qspeech.checks import choice, need
+from qspeech.identity import outside
 
 ARCHS = ("hubert", "wav2vec2", "distiller", "wavlm", "fbank")
 INITS = ("pretrained", "random")
@@ -24,7 +25,7 @@ class ModelConfig:
     # pretrained: load weights (ckpt, else asset, else url); random: the architecture with random weights.
     init: str = "pretrained"
     # Opt in to full unpickling (torch.load weights_only=False) only for a checkpoint you trust.
-    trust_checkpoint: bool = False
+    trust_checkpoint: bool = outside(False)
     asset: str | None = None  # packaged checkpoint, relative to qspeech/assets (used when ckpt is null)
     # Architecture settings (s3prl's model config fields) for init=random; a checkpoint carries its own.
     arch_cfg: dict[str, Any] = field(default_factory=dict)
