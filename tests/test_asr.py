@@ -202,3 +202,30 @@ def test_bilstm_on_padded_batches_equals_packed_nn_lstm():
     (want * w).sum().backward()
     (got * w).sum().backward()
     assert torch.allclose(xa.grad, xb.grad, atol=1e-6)
+
+
+def test_fused_bilstm_path_computes_the_two_pass_function_with_the_same_parameters():
+    """The CUDA path (cuDNN's fused bidirectional kernel on packed sequences, float32 under autocast) run here
+    on the CPU: the same outputs and gradients (inputs and every parameter) as the two-pass path, padding zero,
+    and the same state_dict keys, so checkpoints move between the two."""
+    from qspeech.tasks.rnn import BiLSTM
+
+    torch.manual_seed(0)
+    two, fused = BiLSTM(5, 4, fused=False), BiLSTM(5, 4, fused=True)
+    fused.load_state_dict(two.state_dict())
+    assert list(fused.state_dict()) == list(two.state_dict()) == [
+        f"{d}.{n}_l0" for d in ("fwd", "bwd") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    lens = torch.tensor([6, 2, 4])
+    x = torch.randn(3, 6, 5)
+    x[1, 2:] = 50.0
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = two(xa, lens), fused(xb, lens)
+    assert torch.allclose(a, b, atol=1e-6) and b[1, 2:].abs().max() == 0
+    w = torch.randn_like(a)
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)
+    for p, q in zip(two.parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fused path leaves autocast: float32 out
+        assert fused(x, lens).dtype == torch.float32
