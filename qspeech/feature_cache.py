@@ -12,11 +12,15 @@ Layout of `<cache_dir>/features/<key>/`:
 A cache is built in `<cache_dir>/features/.tmp-<key>-<pid>-<rand>/` and renamed into place when
 complete, so a crash never leaves a directory that is served; `<key>.lock` lets one process build a given
 cache while parallel runs that need it wait. A directory without a valid meta.json
-(or whose shards do not match it) is treated as missing and rebuilt.
+(or whose shards do not match it) is treated as missing and rebuilt; an error of the file system while
+reading it (too many open files, no permission) stops the run with one line and leaves the cache in place.
+Before a build, the features' size is checked against the disk's free space.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -24,7 +28,8 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from qspeech.atomic import build_lock
-from qspeech.errors import DataError
+from qspeech.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +91,36 @@ def run_upstream(upstream, wavs: list[np.ndarray], device: torch.device) -> tupl
     return stacked, out.lengths.cpu()
 
 
+# Shards memory-mapped at once: each mapping holds a file descriptor, and a full-scale cache has ~1,300 shards
+# (train-clean-100 through HuBERT Base), more than a default `ulimit -n` of 1024.
+MAX_OPEN_SHARDS = 64
+
+
+def _shard_header(path: Path) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of a .npy file from its header alone (no mapping, the file closed again); ValueError
+    when the file is shorter than its header says (a truncated copy)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        if os.fstat(f.fileno()).st_size < f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"{path.name} is truncated")
+    return shape, dtype
+
+
 @dataclass
 class FeatureStore:
-    """Read side of a complete cache directory."""
+    """Read side of a complete cache directory. Shards are mapped when first read, at most MAX_OPEN_SHARDS at
+    a time (least recently used unmapped first)."""
 
     path: Path
     meta: dict
-    shards: list[np.ndarray]
+    open_shards: OrderedDict = field(default_factory=OrderedDict)
 
     @classmethod
     def open(cls, path: Path) -> "FeatureStore":
-        """Open a cache directory; raises ValueError if it is not complete and consistent."""
+        """Open a cache directory; raises ValueError if it is not complete and consistent (a missing shard
+        included), OSError for what the file system refuses (that says nothing about the cache itself)."""
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
@@ -104,16 +128,26 @@ class FeatureStore:
         meta = json.loads(meta_path.read_text())
         if not meta.get("complete") or meta.get("version") != FORMAT_VERSION:
             raise ValueError("incomplete or old format")
-        shards = []
         for i, n in enumerate(meta["shard_frames"]):
-            arr = np.load(path / f"shard_{i:05d}.npy", mmap_mode="r")
-            if arr.shape != (n, meta["num_hidden"], meta["hidden_size"]) or arr.dtype != np.float16:
-                raise ValueError(f"shard {i} has shape {arr.shape} {arr.dtype}")
-            shards.append(arr)
+            try:
+                shape, dtype = _shard_header(path / f"shard_{i:05d}.npy")
+            except FileNotFoundError:
+                raise ValueError(f"shard {i} is missing") from None
+            if shape != (n, meta["num_hidden"], meta["hidden_size"]) or dtype != np.float16:
+                raise ValueError(f"shard {i} has shape {shape} {dtype}")
         for s, off, n in meta["index"]:
-            if s >= len(shards) or off + n > shards[s].shape[0]:
+            if s >= len(meta["shard_frames"]) or off + n > meta["shard_frames"][s]:
                 raise ValueError("index out of range")
-        return cls(path, meta, shards)
+        return cls(path, meta)
+
+    def shard(self, i: int) -> np.ndarray:
+        arr = self.open_shards.pop(i, None)
+        if arr is None:
+            arr = np.load(self.path / f"shard_{i:05d}.npy", mmap_mode="r")
+            while len(self.open_shards) >= MAX_OPEN_SHARDS:
+                self.open_shards.popitem(last=False)  # dropping the last reference unmaps it
+        self.open_shards[i] = arr
+        return arr
 
     @property
     def utt_ids(self) -> list[str]:
@@ -133,7 +167,7 @@ class FeatureStore:
     def get(self, i: int) -> np.ndarray:
         """(frames, num_hidden, hidden_size) fp16, memory-mapped."""
         s, off, n = self.meta["index"][i]
-        return self.shards[s][off:off + n]
+        return self.shard(s)[off:off + n]
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded (B, F, L, D) float32 and frame lengths."""
@@ -264,21 +298,49 @@ def _publish(tmp: Path, path: Path, meta: dict) -> FeatureStore:
     except OSError:  # another process finished the same cache first, or a broken dir is in the way
         try:
             return FeatureStore.open(path)
-        except (ValueError, OSError):
+        except (ValueError, KeyError):
             shutil.rmtree(path, ignore_errors=True)
             os.rename(tmp, path)
     return FeatureStore.open(path)
 
 
 def _open_if_valid(path: Path) -> FeatureStore | None:
+    """The complete cache at `path`, or None after removing an incomplete or corrupt one. An error of the file
+    system (too many open files, no permission, an I/O error) says nothing about the cache: one line, and the
+    cache stays."""
     if not path.exists():
         return None
     try:
-        return FeatureStore.open(path)
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+        store = FeatureStore.open(path)
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         log.warning("feature cache %s is incomplete or corrupt (%s); rebuilding it", path, e)
         shutil.rmtree(path, ignore_errors=True)
         return None
+    except OSError as e:
+        raise StorageError(f"cannot read the feature cache {path}: {e.strerror or e} (errno {e.errno}); it was "
+                           f"left in place. {_os_hint(e)}") from None
+    with contextlib.suppress(OSError):  # last use, for `qspeech cache list | prune`; a read-only cache is fine
+        os.utime(path / "meta.json")
+    return store
+
+
+def _os_hint(e: OSError) -> str:
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return "Raise the open-file limit (ulimit -n 4096) and rerun"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "Make it readable or point QSPEECH_CACHE at a cache you may read"
+    return "Fix the file system error and rerun, or set train.cache_features=false"
+
+
+def check_free_space(upstream, utts: Sequence, root: Path) -> None:
+    """StorageError (one line) when the features of `utts` cannot fit on the disk that holds `root`."""
+    need = estimate_bytes(upstream, sum(float(u.duration_s) for u in utts))
+    free = shutil.disk_usage(root).free
+    if need > free:
+        hours = sum(float(u.duration_s) for u in utts) / 3600
+        raise StorageError(f"the feature cache needs ~{need / 1e9:.1f} GB for {hours:.1f} h of audio but {root} has "
+                           f"{free / 1e9:.1f} GB free; free space (qspeech cache prune), point QSPEECH_CACHE at a "
+                           f"larger disk, or set train.cache_features=false to compute features live")
 
 
 def load_or_build(upstream, upstream_key: str, data_fingerprint: str, utts: Sequence,
@@ -295,5 +357,6 @@ def load_or_build(upstream, upstream_key: str, data_fingerprint: str, utts: Sequ
         store = _open_if_valid(path)  # built by another process while this one waited
         if store is not None:
             return store, "hit"
+        check_free_space(upstream, utts, path.parent)
         store = build(upstream, utts, read_audio, path, device=device, batch_s=batch_s, progress=progress, desc=desc)
     return store, "miss"

@@ -128,3 +128,60 @@ def test_unreadable_audio_is_skipped_with_warning(upstream, corpus, tmp_path, ca
 def test_estimate_bytes(upstream):
     # 10 s at 50 frames/s, 7 states of 256 fp16
     assert feature_cache.estimate_bytes(upstream, 10.0) == 500 * 7 * 256 * 2
+
+
+def _many_shards(upstream, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(feature_cache, "SHARD_BYTES", 1)  # one shard per upstream batch
+    store, _ = _build(upstream, corpus, tmp_path / "c", batch_s=0.01)  # one utterance per batch
+    assert len(store.meta["shard_frames"]) == 4
+    return store
+
+
+def test_few_shards_are_open_at_any_time(upstream, corpus, tmp_path, monkeypatch):
+    """At full scale a cache has ~1,300 shards; each mapped one holds a file descriptor."""
+    store = _many_shards(upstream, corpus, tmp_path, monkeypatch)
+    want = [np.array(store.get(i)) for i in range(4)]
+    monkeypatch.setattr(feature_cache, "MAX_OPEN_SHARDS", 2)
+    store = feature_cache.FeatureStore.open(store.path)
+    assert not store.open_shards  # opening reads headers only
+    for i in (0, 1, 2, 3, 1, 0):
+        assert np.array_equal(store.get(i), want[i]) and len(store.open_shards) <= 2
+
+
+def test_an_os_error_while_opening_keeps_the_cache_and_says_one_line(upstream, corpus, tmp_path, monkeypatch):
+    """Out of file descriptors for real (the soft limit at the lowest free descriptor): that is not corruption, so
+    the cache is neither deleted nor rebuilt."""
+    import resource
+
+    from qspeech.errors import StorageError
+
+    store = _many_shards(upstream, corpus, tmp_path, monkeypatch)
+    files = sorted(p.name for p in store.path.iterdir())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # new descriptors take the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        with pytest.raises(StorageError) as e:
+            _build(upstream, corpus, tmp_path / "c", batch_s=0.01)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot read the feature cache" in msg and "ulimit -n" in msg and "left in place" in msg
+    assert sorted(p.name for p in store.path.iterdir()) == files
+    assert _build(upstream, corpus, tmp_path / "c", batch_s=0.01)[1] == "hit"
+
+
+def test_a_cache_that_cannot_fit_on_the_disk_is_refused_before_building(upstream, corpus, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from qspeech.errors import StorageError
+
+    kept = _build(upstream, corpus[:2], tmp_path / "c")[0].path  # an earlier cache on the same disk
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(StorageError, match=r"the feature cache needs ~0.0 GB for 0.0 h of audio but .* has 0.0 GB "
+                                           r"free; free space \(qspeech cache prune\)"):
+        _build(upstream, corpus, tmp_path / "c")
+    assert (kept / "meta.json").is_file()
+    assert not [p for p in (tmp_path / "c" / "features").iterdir() if p.name.startswith(".tmp-")]
