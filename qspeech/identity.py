@@ -5,6 +5,9 @@ A dataclass field is one of three kinds, set on the field itself (`field(metadat
 `runtime()` below; a plain field is a result field):
 
 - result:  changes the numbers (bits, lr, the data, the seed, ...). Part of every identity.
+- schedule: a result field that only decides when training evaluates or stops, never what a step computes
+           (eval_every; max_steps under a constant learning rate). Part of run ids, left out of resume keys:
+           editing it continues a run's training instead of restarting it.
 - runtime: changes how fast or how often, never what (threads, log/checkpoint cadence, cache use, workers).
            Left out of run folders, the report's grouping, resume keys and cache keys.
 - outside: not part of the experiment at all (where results go, how they are logged, what a sweep optimises,
@@ -22,12 +25,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-RESULT, RUNTIME, OUTSIDE = "result", "runtime", "outside"
+RESULT, SCHEDULE, RUNTIME, OUTSIDE = "result", "schedule", "runtime", "outside"
 _META = "qspeech_identity"
 _NO = dataclasses.MISSING
 
-__all__ = ["OUTSIDE", "RESULT", "RUNTIME", "field_kind", "identity_dict", "outside", "run_id", "run_name", "runtime",
-           "stable_hash"]
+__all__ = ["OUTSIDE", "RESULT", "RUNTIME", "SCHEDULE", "field_kind", "identity_dict", "outside", "run_id", "run_name",
+           "runtime", "schedule", "stable_hash"]
 
 
 def _field(kind: str, default, default_factory):
@@ -39,6 +42,11 @@ def _field(kind: str, default, default_factory):
 def runtime(default=_NO, *, default_factory=_NO):
     """A dataclass field that changes how fast or how often a run works, never its numbers."""
     return _field(RUNTIME, default, default_factory)
+
+
+def schedule(default=_NO, *, default_factory=_NO):
+    """A dataclass field that decides when training evaluates or stops, never what a step computes."""
+    return _field(SCHEDULE, default, default_factory)
 
 
 def outside(default=_NO, *, default_factory=_NO):

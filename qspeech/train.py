@@ -22,7 +22,7 @@ from qspeech.atomic import torch_save_atomic, write_text_atomic
 from qspeech.checks import choice, integer, need, number
 from qspeech.errors import ConfigError, TrainingError
 from qspeech.loop import STATE_VERSION, Job, LoopConfig, Step, linear_warmup_decay, read_checkpoint, run
-from qspeech.identity import runtime
+from qspeech.identity import OUTSIDE, RUNTIME, SCHEDULE, identity_dict, runtime, schedule
 
 
 @dataclass
@@ -32,7 +32,7 @@ class TrainConfig:
     name: str = "cpu"
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 autocast on CUDA, none on CPU) | bf16 | off
-    max_steps: int = 1500
+    max_steps: int = schedule(1500)
     batch_size: int = 16
     # Batches whose longest utterance is longer than this (seconds) are split in two (s3prl's
     # HALF_BATCHSIZE_TIME). null: never.
@@ -40,7 +40,7 @@ class TrainConfig:
     # Length bucketing: each epoch is shuffled, cut into windows of this many batches, sorted by length
     # within a window, batched, and the batch order shuffled again.
     bucket_window: int = 50
-    eval_every: int = 300
+    eval_every: int = schedule(300)
     save_every: int | None = runtime(None)  # checkpoint interval in steps; null: eval_every
     log_every: int = runtime(25)
     grad_clip: float | None = 1.0  # max global grad norm; 0 or null: no clipping
@@ -75,6 +75,15 @@ class TrainConfig:
         number(self, "feature_batch_s", 0, lo_open=True)
         choice(self, "resume", (True, False))
         integer(self, "num_threads", 1, optional=True)
+
+    def resume_identity(self) -> dict:
+        """What a head's resumable training state depends on (its resume key): the result fields but the
+        schedule ones, so that changing eval_every, or raising max_steps under a constant learning rate,
+        continues the training; a decaying rate reaches 0 at max_steps, so there max_steps stays in."""
+        key = identity_dict(self, drop=(SCHEDULE, RUNTIME, OUTSIDE))
+        if self.lr_schedule != "constant":
+            key["max_steps"] = self.max_steps
+        return key
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

@@ -64,3 +64,19 @@ def test_runtime_and_outside_settings_keep_the_run_id(change):
 def test_result_settings_change_the_run_id(change):
     base = _typed(["bits=4"] if "bits=4" in change else [])
     assert run_id(_typed(change)) != run_id(base)
+
+
+def test_resume_identity_leaves_out_schedule_and_runtime_fields():
+    """Changing eval_every, or raising max_steps under a constant learning rate, keeps a head's resume key
+    (training continues); under a decaying rate max_steps shapes every step's learning rate, so it stays."""
+    from qspeech.train import TrainConfig
+
+    const = TrainConfig(lr_schedule="constant")
+    key = const.resume_identity()
+    assert "max_steps" not in key and "eval_every" not in key and "log_every" not in key and key["lr_schedule"] == "constant"
+    assert dataclasses.replace(const, eval_every=7, max_steps=9999, save_every=3).resume_identity() == key
+    assert dataclasses.replace(const, batch_size=3).resume_identity() != key
+    linear = TrainConfig(lr_schedule="linear")
+    assert linear.resume_identity()["max_steps"] == linear.max_steps
+    assert dataclasses.replace(linear, max_steps=9999).resume_identity() != linear.resume_identity()
+    assert dataclasses.replace(linear, eval_every=7).resume_identity() == linear.resume_identity()
