@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from qspeech.atomic import build_lock, ensure_folder, write_text_atomic
+from qspeech.data.audio import resample
 from qspeech.data.config import SPLITS, DataConfig, MiniConfig
+from qspeech.data.espeak import ACCENTS, Espeak, english_accents, espeak_version, voice_variants
 from qspeech.data.text import normalize_text, number_to_words
 from qspeech.errors import ConfigError, DataError
 
@@ -156,7 +158,6 @@ def speaker_table(seed: int, m: MiniConfig) -> dict[str, list[dict]]:
 
     train/dev/test are disjoint; unlabeled = train speakers + its own extra voices (never dev/test ones).
     """
-    from qspeech.data.espeak import ACCENTS, english_accents, voice_variants
 
     accents, variants = english_accents(), voice_variants()
     rng = _rng(seed, "speakers")
@@ -202,7 +203,6 @@ def speaker_table(seed: int, m: MiniConfig) -> dict[str, list[dict]]:
 
 
 def variant_index(variant: str) -> int:
-    from qspeech.data.espeak import voice_variants
 
     return voice_variants().index(variant)
 
@@ -210,7 +210,6 @@ def variant_index(variant: str) -> int:
 # ----------------------------------------------------------------------------------------- hashing / paths
 
 def _settings(cfg: DataConfig) -> dict:
-    from qspeech.data.espeak import espeak_version
 
     mini = asdict(cfg.mini)
     mini.pop("workers", None)
@@ -258,7 +257,6 @@ def _plan(cfg: DataConfig, split: str, speakers: list[dict]) -> list[dict]:
 
 def _render(job: dict, engine) -> tuple[str, np.ndarray]:
     """Synthesize one utterance -> (text actually spoken, int16 16 kHz); too long: fewer words."""
-    from qspeech.data.audio import resample
 
     words = job["text"].split()
     pad = job["pad"]
@@ -295,7 +293,6 @@ def _synth_shard(out_dir: str, jobs: list[dict]) -> list[dict]:
     """Worker: synthesize a shard in order (fresh process) and write FLAC files under out_dir."""
     import soundfile as sf
 
-    from qspeech.data.espeak import Espeak
 
     engine = Espeak()
     rows = []
