@@ -166,7 +166,7 @@ def resolve_path(p) -> Path:
         return path
     bases = [Path.cwd()]
     try:
-        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.hydra_config import HydraConfig  # only inside a Hydra app
 
         if HydraConfig.initialized():
             bases.append(Path(HydraConfig.get().runtime.cwd))

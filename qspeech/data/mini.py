@@ -25,14 +25,18 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from qspeech.atomic import build_lock, ensure_folder, write_text_atomic
 from qspeech.data.audio import resample
@@ -80,8 +84,6 @@ _TWO_LETTER = {"am", "an", "as", "at", "be", "by", "do", "go", "he", "if", "in",
 
 
 def _ok_word(w: str) -> bool:
-    import re
-
     if not re.fullmatch(r"[a-z]+('[a-z]+)?", w):
         return False
     if len(w) <= 2 and w not in _TWO_LETTER and w not in ("a", "i"):
@@ -95,7 +97,7 @@ def _ok_word(w: str) -> bool:
 def content_vocabulary(vocab_size: int) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """Content words (wordfreq English, most frequent first) and their cumulative sampling weights."""
     try:
-        import wordfreq
+        import wordfreq  # its word list is large: loaded when the corpus is built
     except ImportError:  # pragma: no cover - declared dependency
         raise DataError("the mini corpus needs wordfreq: pip install wordfreq") from None
     raw = wordfreq.top_n_list("en", int(vocab_size * 1.25) + 500)
@@ -291,7 +293,7 @@ def _render(job: dict, engine) -> tuple[str, np.ndarray]:
 
 def _synth_shard(out_dir: str, jobs: list[dict]) -> list[dict]:
     """Worker: synthesize a shard in order (fresh process) and write FLAC files under out_dir."""
-    import soundfile as sf
+    import soundfile as sf  # libsndfile, in the worker process only
 
 
     engine = Espeak()
@@ -321,11 +323,6 @@ def run_shards(out_dir: Path, shards: list[list[dict]], workers: int, desc: str,
     Plain subprocesses rather than multiprocessing: nothing of the caller (its __main__, threads, torch) is
     re-imported or forked.
     """
-    import subprocess
-    import tempfile
-
-    from tqdm import tqdm
-
     cmd, env = _worker_cmd(out_dir)
     results: list[list[dict] | None] = [None] * len(shards)
     pending = list(range(len(shards)))

@@ -60,7 +60,7 @@ def strip_stress(phone: str) -> str:
 
 @lru_cache(maxsize=1)
 def _text_to_phonemes():
-    import espeakng_loader
+    import espeakng_loader  # loads eSpeak NG's library only when phonemizing
 
 
     Espeak()  # initialises the library (the same process-wide handle as synthesis)

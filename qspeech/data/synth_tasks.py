@@ -175,7 +175,7 @@ def _plan(task: str, cfg: SynthConfig, split: str, speakers: list[dict]) -> list
 
 def _silence(out: Path, job: dict) -> dict:
     """Speech Commands' "_silence_": 1 s of background noise (white, brown or hum), no speech."""
-    import soundfile as sf
+    import soundfile as sf  # libsndfile, in the worker process only
 
     rng = np.random.default_rng(job["noise_seed"])
     x = rng.standard_normal(SAMPLE_RATE).astype(np.float32)
