@@ -188,6 +188,7 @@ class PooledDownstream:
     those of the train split (`slots` of them, separated by ';' in a label)."""
 
     head_key: dict = {}
+    trainable = ClassificationTask  # a task scoring more than accuracy brings its subclass
 
     def __init__(self, cfg, classes: list[list[str]] | None = None, slots: int = 1):
         self.cfg, self.classes, self.slots = cfg, classes, slots
@@ -207,7 +208,7 @@ class PooledDownstream:
                                    for i in p.kept], dtype=torch.long) for s, p in pooled.items()}
         model = PooledHead(upstream.num_hidden, upstream.hidden_size, [len(v) for v in self.classes], self.cfg.task)
         kept = {s: [data.utts[s][i] for i in p.kept] for s, p in pooled.items()}
-        return ClassificationTask(model, pooled, labels, kept, self.classes, self.cfg.task.lr)
+        return self.trainable(model, pooled, labels, kept, self.classes, self.cfg.task.lr)
 
 
 def classification_task(kind: str, config: type, classes: list[str] | None = None, slots: int = 1) -> Task:
