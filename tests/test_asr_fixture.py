@@ -72,8 +72,9 @@ def use_corpus(monkeypatch, corpus: dict[str, list[Utt]]) -> None:
             h.update(f"{u.utt_id}{u.text}".encode())
         return h.hexdigest()[:16]
 
-    for name, fn in (("load_split", load_split), ("config_fingerprint", config_fingerprint), ("read_audio", read_audio)):
-        monkeypatch.setattr(qspeech.data, name, fn)
+    monkeypatch.setattr(qspeech.data, "load_split", load_split)
+    monkeypatch.setattr(qspeech.data, "config_fingerprint", config_fingerprint)
+    monkeypatch.setattr(qspeech.data, "read_audio", read_audio)
 
 
 def tiny_upstream(seed: int = 0):

@@ -20,6 +20,7 @@ from qspeech.errors import TrainingError
 from qspeech.features import SplitStats, summary
 from qspeech.identity import identity_dict, stable_hash
 from qspeech.seeding import seed_everything
+from qspeech.tasks.config import Task
 from qspeech.tasks.metrics import TaskMetrics
 from qspeech.train import Trainable, autocast_ctx, fit, resolve_device, torch_threads
 
@@ -80,9 +81,9 @@ def upstream_on(upstream, device):
         upstream.to(orig)
 
 
-def run_downstream(cfg, upstream, run_dir: Path, upstream_key: str, task, progress: bool = True,
+def run_downstream(cfg, upstream, run_dir: Path, upstream_key: str, task: Task, progress: bool = True,
                    on_step: Callable[[int], None] | None = None) -> TaskMetrics:
-    """Train `task`'s head (a qspeech.tasks.Task) on the frozen upstream, select on its first metric's dev
+    """Train `task`'s head on the frozen upstream, select on its first metric's dev
     score, evaluate test; writes test_predictions.tsv and downstream.pt into run_dir. cfg: the typed run
     config (its task, train, data, seed and cache_dir; see qspeech.tasks.run_task)."""
     run_dir = Path(run_dir)
@@ -123,7 +124,7 @@ def _save(run_dir: Path, tcfg, head: Head, data: Splits, scores: dict, res) -> N
                        "best_step": res.best_step}, run_dir / "downstream.pt")
 
 
-def _metrics(task, head: Head, data: Splits, scores: dict, res, device) -> TaskMetrics:
+def _metrics(task: Task, head: Head, data: Splits, scores: dict, res, device) -> TaskMetrics:
     stats = head.feature_stats()
     m = TaskMetrics.of_scores(
         task.metrics, scores["test"], res.best, states_direction=task.states_direction,

@@ -100,7 +100,8 @@ class ClassificationTask:
 
     def __init__(self, model: PooledHead, pooled: dict[str, Pooled], labels: dict, utts: dict,
                  classes: list[list[str]], lr: float):
-        self.model, self.pooled, self.labels, self.utts, self.classes, self.lr = model, pooled, labels, utts, classes, lr
+        self.model, self.pooled, self.labels, self.utts = model, pooled, labels, utts
+        self.classes, self.lr = classes, lr
         self.feats = {s: p.feats for s, p in pooled.items()}
         self.last_predictions: dict[str, torch.Tensor] = {}
 
