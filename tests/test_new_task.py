@@ -84,8 +84,10 @@ def test_a_new_task_with_a_new_metric_is_one_module_and_one_yaml(tmp_path):
     preds = (path.parent / "test_predictions.tsv").read_text().splitlines()
     assert preds[0] == "utt_id\tlabel\tpredicted" and len(preds) == 1 + m["n_test"]
     assert (path.parent / "downstream.pt").is_file()
-    # the report learns the new metric's direction and unit from the task's declaration
-    check = "from qspeech.tasks.metrics import higher_is_better as h, metric_unit as u; print(h('f1'), u('f1'))"
-    out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env={"PYTHONPATH": str(repo)},
+    # the report learns the new metric's direction and unit from the task's declaration, and reads its scores back
+    check = ("import json, sys; from qspeech.tasks.metrics import TaskMetrics, higher_is_better, metric_unit; "
+             "d = json.load(open(sys.argv[1]))['metrics']; m = TaskMetrics.from_dict(d); "
+             "print(higher_is_better('f1'), metric_unit('f1'), m.dev_value == d['dev_f1'], m.to_dict() == d)")
+    out = subprocess.run([sys.executable, "-c", check, str(path)], cwd=tmp_path, env={"PYTHONPATH": str(repo)},
                          capture_output=True, text=True)
-    assert out.stdout.split() == ["True", "%"], out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "%", "True", "True"], out.stderr[-2000:]

@@ -12,6 +12,9 @@ downstream/asr/config.yaml, eval_batch_size 1): every dev/test utterance through
 alone, and frame lengths cut as its Featurizer cuts them (s3prl/upstream/interfaces.py Featurizer.tolist:
 round(samples / downsample_rate), at most the frames computed). task.vocab=s3prl is that runner's dictionary
 and specaug.max_width_exclusive its SpecAugment draw (s3prl/downstream/specaug.py).
+
+This module holds the config, SpecAugment, the head and how characters read (ASRTask); the run is
+qspeech.tasks.downstream.run_downstream, the features (s3prl_exact's frame lengths too) qspeech.features.
 """
 
 from __future__ import annotations
