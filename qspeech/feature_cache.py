@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from qspeech.atomic import build_lock
 from qspeech.errors import DataError, StorageError
@@ -214,11 +215,62 @@ def length_batches(utts: Sequence, batch_s: float) -> list[list[int]]:
     return batches
 
 
+class _ShardWriter:
+    """Collects utterances' features and writes them as shards of about SHARD_BYTES into `folder`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.shard_frames: list[int] = []
+        self.index: dict[int, tuple[int, int, int]] = {}  # utterance -> (shard, offset, frames)
+        self.pending: dict[int, np.ndarray] = {}
+        self.pending_bytes = 0
+
+    def add(self, i: int, feats: np.ndarray) -> None:
+        self.pending[i] = feats
+        self.pending_bytes += feats.nbytes
+
+    def flush(self, force: bool = False) -> None:
+        if not self.pending or (self.pending_bytes < SHARD_BYTES and not force):
+            return
+        s = len(self.shard_frames)
+        np.save(self.folder / f"shard_{s:05d}.npy", np.concatenate(list(self.pending.values()), axis=0))
+        off = 0
+        for i, arr in self.pending.items():
+            self.index[i] = (s, off, len(arr))
+            off += len(arr)
+        self.shard_frames.append(off)
+        self.pending, self.pending_bytes = {}, 0
+
+
+def _extract(upstream, utts: Sequence, read_audio, writer: _ShardWriter, device, batch_s: float, bar) -> dict:
+    """Runs the upstream over `utts` in length batches into `writer`; returns skipped files and timing."""
+    skipped: list[str] = []
+    up_s, n_up = 0.0, 0
+    for b in length_batches(utts, batch_s):
+        wavs, ok, failed = read_waves(utts, b, read_audio)
+        for path_, e in failed:
+            skipped.append(path_)
+            log.warning("skipping unreadable audio %s: %s", path_, e)
+        if ok:
+            t0 = time.perf_counter()
+            feats, lens = run_upstream(upstream, wavs, device)
+            up_s += time.perf_counter() - t0
+            n_up += len(ok)
+            feats = feats.to("cpu", torch.float16).numpy()
+            for k, i in enumerate(ok):
+                writer.add(i, feats[k, : int(lens[k])])
+            writer.flush()
+        bar.update(len(b))
+    writer.flush(force=True)
+    if skipped:
+        log.warning("%d of %d audio files could not be read and were skipped (first: %s)",
+                    len(skipped), len(utts), skipped[0])
+    return {"skipped": skipped, "upstream_s": up_s, "upstream_utts_per_s": n_up / up_s if up_s else None}
+
+
 def build(upstream, utts: Sequence, read_audio: Callable[[str], np.ndarray], path: Path, *,
           device: torch.device, batch_s: float = 60.0, progress: bool = False, desc: str = "features") -> FeatureStore:
     """Extract hidden states for `utts` into `path` (atomically). Unreadable audio is skipped with a warning."""
-    from tqdm.auto import tqdm
-
     path = Path(path)
     root = path.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -226,60 +278,15 @@ def build(upstream, utts: Sequence, read_audio: Callable[[str], np.ndarray], pat
     tmp = root / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        L, D = upstream.num_hidden, upstream.hidden_size
-        per_utt: dict[int, np.ndarray] = {}
-        skipped: list[str] = []
-        shard_frames: list[int] = []
-        index: dict[int, tuple[int, int, int]] = {}
-        pending: list[int] = []
-        pending_bytes = 0
-        up_s, n_up = 0.0, 0
-
-        def flush():
-            nonlocal pending, pending_bytes
-            if not pending:
-                return
-            s = len(shard_frames)
-            arr = np.concatenate([per_utt[i] for i in pending], axis=0)
-            np.save(tmp / f"shard_{s:05d}.npy", arr)
-            off = 0
-            for i in pending:
-                n = len(per_utt.pop(i))
-                index[i] = (s, off, n)
-                off += n
-            shard_frames.append(off)
-            pending, pending_bytes = [], 0
-
-        batches = length_batches(utts, batch_s)
-        bar = tqdm(total=len(utts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-        for b in batches:
-            wavs, ok, failed = read_waves(utts, b, read_audio)
-            for path_, e in failed:
-                skipped.append(path_)
-                log.warning("skipping unreadable audio %s: %s", path_, e)
-            if ok:
-                t0 = time.perf_counter()
-                feats, lens = run_upstream(upstream, wavs, device)
-                up_s += time.perf_counter() - t0
-                n_up += len(ok)
-                feats = feats.to("cpu", torch.float16).numpy()
-                for k, i in enumerate(ok):
-                    per_utt[i] = feats[k, : int(lens[k])]
-                    pending.append(i)
-                    pending_bytes += per_utt[i].nbytes
-                if pending_bytes >= SHARD_BYTES:
-                    flush()
-            bar.update(len(b))
-        flush()
-        bar.close()
-        if skipped:
-            log.warning("%d of %d audio files could not be read and were skipped (first: %s)",
-                        len(skipped), len(utts), skipped[0])
-        kept = sorted(index)  # original utterance order
-        meta = {"version": FORMAT_VERSION, "complete": True, "num_hidden": L, "hidden_size": D,
-                "downsample_rate": upstream.downsample_rate, "shard_frames": shard_frames,
-                "utt_ids": [utts[i].utt_id for i in kept], "index": [list(index[i]) for i in kept],
-                "skipped": skipped, "upstream_s": up_s, "upstream_utts_per_s": n_up / up_s if up_s else None,
+        writer = _ShardWriter(tmp)
+        with tqdm(total=len(utts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+            timing = _extract(upstream, utts, read_audio, writer, device, batch_s, bar)
+        kept = sorted(writer.index)  # original utterance order
+        meta = {"version": FORMAT_VERSION, "complete": True, "num_hidden": upstream.num_hidden,
+                "hidden_size": upstream.hidden_size, "downsample_rate": upstream.downsample_rate,
+                "shard_frames": writer.shard_frames, "utt_ids": [utts[i].utt_id for i in kept],
+                "index": [list(writer.index[i]) for i in kept], "skipped": timing["skipped"],
+                "upstream_s": timing["upstream_s"], "upstream_utts_per_s": timing["upstream_utts_per_s"],
                 "created": time.time()}
         return _publish(tmp, path, meta)
     finally:

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from qspeech.errors import ConfigError
 from qspeech.checks import typed
 from qspeech.train import TrainConfig
-from qspeech.tasks.asr import ASRConfig, ASRHead, Featurizer, SpecAugment, SpecAugConfig
+from qspeech.tasks.asr import ASRConfig, ASRHead, SpecAugment, SpecAugConfig
+from qspeech.tasks.featurizer import Featurizer
 from qspeech.tasks.ctc import greedy_collapse, greedy_decode
 from qspeech.tasks.metrics import cer, wer
 from qspeech.tasks.vocab import CharVocab
@@ -133,13 +134,12 @@ def test_bad_train_config_raises(bad):
 def test_overfits_a_handful_of_utterances(tmp_path, monkeypatch):
     """The whole CTC path (cache -> featurizer -> BiLSTM -> CTC -> greedy decoding -> WER) learns:
     6 noise 'utterances' with a random tiny upstream are memorised to zero WER."""
-    import qspeech.tasks.asr as asr
     from qspeech.tasks import run_task
-    from test_asr_fixture import fake_data_api, make_cfg, tiny_upstream, write_corpus
+    from test_asr_fixture import use_corpus, make_cfg, tiny_upstream, write_corpus
 
     corpus = write_corpus(tmp_path / "wav", {"train": 6}, seconds=(0.8, 1.2))
     corpus["dev"] = corpus["test"] = corpus["train"]
-    monkeypatch.setattr(asr, "data_api", lambda: fake_data_api(corpus))
+    use_corpus(monkeypatch, corpus)
     cfg = make_cfg(tmp_path, **{"task.lr": 5e-3, "task.dropout": 0.0, "task.specaug.enabled": False,
                                 "task.project_dim": 128, "task.hidden_size": 128, "task.num_layers": 1,
                                 "train.max_steps": 200, "train.batch_size": 6, "train.eval_every": 20,
@@ -157,17 +157,16 @@ def test_overfits_a_handful_of_utterances(tmp_path, monkeypatch):
 def test_run_without_cache_runs_upstream_and_skips_unreadable(tmp_path, monkeypatch, caplog):
     import logging
 
-    import qspeech.tasks.asr as asr
     from qspeech.tasks import run_task
-    from test_asr_fixture import fake_data_api, make_cfg, tiny_upstream, write_corpus
+    from test_asr_fixture import use_corpus, make_cfg, tiny_upstream, write_corpus
 
     corpus = write_corpus(tmp_path / "wav", {"train": 4, "dev": 2, "test": 2}, seconds=(0.4, 0.6))
     with open(corpus["train"][1].path, "wb") as f:
         f.write(b"garbage")
-    monkeypatch.setattr(asr, "data_api", lambda: fake_data_api(corpus))
+    use_corpus(monkeypatch, corpus)
     cfg = make_cfg(tmp_path, **{"train.cache_features": False, "train.max_steps": 3, "train.batch_size": 2,
                                 "train.eval_every": 3, "task.project_dim": 16, "task.hidden_size": 16})
-    with caplog.at_level(logging.WARNING, logger="qspeech.tasks.asr"):
+    with caplog.at_level(logging.WARNING, logger="qspeech.features"):
         m = run_task(cfg, tiny_upstream(), tmp_path / "run", "up0", progress=False).to_dict()
     assert m["feature_cache"] == "off" and m["steps"] == 3 and m["upstream_utts_per_s"] > 0
     assert m["skipped_audio"] == 1 and m["n_train"] == 3 and "train_1.wav" in caplog.text

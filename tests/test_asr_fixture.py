@@ -16,6 +16,8 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
+import qspeech.data
+
 from qspeech.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,9 @@ def read_audio(path) -> np.ndarray:
     return wav
 
 
-def fake_data_api(corpus: dict[str, list[Utt]]):
+def use_corpus(monkeypatch, corpus: dict[str, list[Utt]]) -> None:
+    """qspeech.data's load_split, config_fingerprint and read_audio serve `corpus` (the CTC tasks read
+    their data through them)."""
     def load_split(data_cfg, split, cache_dir):
         return corpus[split]
 
@@ -68,7 +72,9 @@ def fake_data_api(corpus: dict[str, list[Utt]]):
             h.update(f"{u.utt_id}{u.text}".encode())
         return h.hexdigest()[:16]
 
-    return types.SimpleNamespace(load_split=load_split, read_audio=read_audio, config_fingerprint=config_fingerprint)
+    monkeypatch.setattr(qspeech.data, "load_split", load_split)
+    monkeypatch.setattr(qspeech.data, "config_fingerprint", config_fingerprint)
+    monkeypatch.setattr(qspeech.data, "read_audio", read_audio)
 
 
 def tiny_upstream(seed: int = 0):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qspeech.tasks.asr import S3PRLLengths, SpecAugConfig, SpecAugment, feature_sources, s3prl_frame_lengths
+from qspeech.features import S3PRLLengths, frame_sources, s3prl_frame_lengths
+from qspeech.tasks.asr import SpecAugConfig, SpecAugment
 from qspeech.tasks.vocab import S3PRL_CHARS, S3PRLCharVocab, make_vocab
 
 from test_asr_fixture import make_cfg, read_audio, tiny_upstream, write_corpus
@@ -49,8 +50,8 @@ def test_dev_test_features_are_each_utterance_alone(tmp_path):
     results = {}
     for exact in (True, False):
         cfg = make_cfg(tmp_path / str(exact), **{"train.cache_features": True, "train.feature_batch_s": 100.0})
-        sources, _ = feature_sources(up, "up0", corpus, fps, read_audio, tmp_path / str(exact) / "cache", cfg.train,
-                                     torch.device("cpu"), progress=False, s3prl_exact=exact)
+        sources = frame_sources(up, "up0", corpus, fps, read_audio, tmp_path / str(exact) / "cache", cfg.train,
+                                torch.device("cpu"), progress=False, s3prl_exact=exact)
         results[exact] = sources["dev"]
     for exact, src in results.items():
         for i, u in enumerate(src.utts):

@@ -20,6 +20,7 @@ LAYERS = [
     ("upstream", ["qspeech.upstream"]),
     ("data", ["qspeech.data"]),
     ("feature cache", ["qspeech.feature_cache"]),
+    ("features", ["qspeech.features"]),
     ("train", ["qspeech.train"]),
     ("cost", ["qspeech.cost"]),
     ("tasks", ["qspeech.tasks"]),

@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-import qspeech.tasks.asr as asr
 from qspeech.errors import ConfigError, TrainingError
 from qspeech.tasks import run_task
 from qspeech.checks import typed
 from qspeech.train import TrainConfig, epoch_batches, fit, lr_factor
 
-from test_asr_fixture import fake_data_api, make_cfg, tiny_upstream, write_corpus
+from test_asr_fixture import use_corpus, make_cfg, tiny_upstream, write_corpus
 
 
 class Toy:
@@ -132,7 +131,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, sched):
 
 def test_asr_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "wav", {"train": 8, "dev": 3, "test": 3}, seconds=(0.5, 0.8))
-    monkeypatch.setattr(asr, "data_api", lambda: fake_data_api(corpus))
+    use_corpus(monkeypatch, corpus)
     up = tiny_upstream()
     over = {"train.max_steps": 12, "train.batch_size": 4, "train.eval_every": 4, "train.save_every": 4,
             "train.log_every": 2, "task.project_dim": 32, "task.hidden_size": 32, "task.num_layers": 1}

@@ -18,7 +18,7 @@ def resample(wav: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarr
     wav = np.asarray(wav, dtype=np.float32)
     if int(sr_in) == int(sr_out):
         return wav
-    import soxr
+    import soxr  # heavy: only when resampling
 
     return np.asarray(soxr.resample(wav, int(sr_in), int(sr_out), quality="HQ"), dtype=np.float32)
 
@@ -34,7 +34,7 @@ def _check_exists(path: str) -> None:
 
 def audio_info(path) -> tuple[int, int]:
     """(n_frames, sample_rate) from the file header; DataError if unreadable or empty."""
-    import soundfile as sf
+    import soundfile as sf  # libsndfile, loaded on first read
 
     path = os.fspath(path)
     _check_exists(path)
@@ -59,7 +59,7 @@ def read_audio(path) -> np.ndarray:
 
     Raises DataError with one line naming the file when it is missing, unreadable or empty.
     """
-    import soundfile as sf
+    import soundfile as sf  # libsndfile, loaded on first read
 
     path = os.fspath(path)
     _check_exists(path)

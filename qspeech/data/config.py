@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qspeech.checks import FieldError, integer, need, number, pair, typed
+from qspeech.data.espeak import english_accents, voice_variants
 from qspeech.errors import ConfigError
 from qspeech.identity import outside, runtime
 
@@ -74,7 +75,6 @@ class MiniConfig:
         self._check_voices()
 
     def _check_voices(self) -> None:
-        from qspeech.data.espeak import english_accents, voice_variants
 
         used = ((self.train_speakers, self.n_train or self.n_unlabeled), (self.dev_speakers, self.n_dev),
                 (self.test_speakers, self.n_test), (self.unlabeled_speakers, self.n_unlabeled))
@@ -166,7 +166,7 @@ def resolve_path(p) -> Path:
         return path
     bases = [Path.cwd()]
     try:
-        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.hydra_config import HydraConfig  # only inside a Hydra app
 
         if HydraConfig.initialized():
             bases.append(Path(HydraConfig.get().runtime.cwd))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qspeech.data.audio import SAMPLE_RATE, audio_info
 from qspeech.data.config import SPLITS, DataConfig, check_data_paths, resolve_path
+from qspeech.data.mini import corpus_hash, ensure_split, mini_root
 from qspeech.data.text import normalize_text
 from qspeech.errors import ConfigError, DataError
 
@@ -143,7 +144,6 @@ def _parse_manifest(tsv: Path):
 def _sources(cfg: DataConfig, split: str, cache_dir, progress: bool):
     """(description of where the split comes from, candidates, problems)."""
     if cfg.kind == "mini":
-        from qspeech.data.mini import ensure_split
 
         if getattr(cfg.mini, f"n_{split}") == 0:
             raise DataError(f"data={cfg.name} has no {split} split: set data.mini.n_{split} > 0")
@@ -238,7 +238,6 @@ def prepare(cfg: DataConfig, cache_dir, progress: bool = True) -> dict:
     check_data_paths(cfg)
     summary: dict = {"name": cfg.name, "kind": cfg.kind, "root": None, "splits": {}}
     if cfg.kind == "mini":
-        from qspeech.data.mini import mini_root
 
         summary["root"] = str(mini_root(cfg, cache_dir))
     elif cfg.kind == "librispeech":
@@ -266,7 +265,6 @@ def config_fingerprint(cfg: DataConfig, split: str) -> str:
     payload: dict = {"v": DATA_VERSION, "sr": SAMPLE_RATE, "kind": cfg.kind, "split": split,
                      "max_utts": cfg.max_utts.get(split)}
     if cfg.kind == "mini":
-        from qspeech.data.mini import corpus_hash
 
         payload["corpus"] = corpus_hash(cfg)
     elif cfg.kind == "librispeech":

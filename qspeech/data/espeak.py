@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 from functools import lru_cache
+from importlib.metadata import version
 
 import numpy as np
 
@@ -31,7 +32,7 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctype
 
 def _data_path() -> str:
     try:
-        import espeakng_loader
+        import espeakng_loader  # loads eSpeak NG's data only when synthesizing
     except ImportError:  # pragma: no cover - a declared dependency
         raise DataError("the mini corpus needs eSpeak NG: pip install espeakng-loader") from None
     return espeakng_loader.get_data_path()
@@ -39,8 +40,6 @@ def _data_path() -> str:
 
 def espeak_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("espeakng-loader")
     except Exception:  # pragma: no cover
         return "unknown"
@@ -72,7 +71,7 @@ class Espeak:
         return cls._instance
 
     def _init(self) -> None:
-        import espeakng_loader
+        import espeakng_loader  # loads eSpeak NG's library only when synthesizing
 
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from qspeech.data.audio import read_audio
 from qspeech.errors import DataError
 
 __all__ = ["LabeledUtterance", "check_classes", "read_segment"]
@@ -28,7 +29,6 @@ class LabeledUtterance:
 
 def read_segment(path: str) -> np.ndarray:
     """qspeech.data.read_audio, plus "<file>#<start>:<end>" segments (16 kHz samples)."""
-    from qspeech.data.audio import read_audio
 
     file, sep, span = str(path).rpartition("#")
     if not sep or ":" not in span:

@@ -25,17 +25,23 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from qspeech.atomic import build_lock, ensure_folder, write_text_atomic
+from qspeech.data.audio import resample
 from qspeech.data.config import SPLITS, DataConfig, MiniConfig
+from qspeech.data.espeak import ACCENTS, Espeak, english_accents, espeak_version, voice_variants
 from qspeech.data.text import normalize_text, number_to_words
 from qspeech.errors import ConfigError, DataError
 
@@ -78,8 +84,6 @@ _TWO_LETTER = {"am", "an", "as", "at", "be", "by", "do", "go", "he", "if", "in",
 
 
 def _ok_word(w: str) -> bool:
-    import re
-
     if not re.fullmatch(r"[a-z]+('[a-z]+)?", w):
         return False
     if len(w) <= 2 and w not in _TWO_LETTER and w not in ("a", "i"):
@@ -93,7 +97,7 @@ def _ok_word(w: str) -> bool:
 def content_vocabulary(vocab_size: int) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """Content words (wordfreq English, most frequent first) and their cumulative sampling weights."""
     try:
-        import wordfreq
+        import wordfreq  # its word list is large: loaded when the corpus is built
     except ImportError:  # pragma: no cover - declared dependency
         raise DataError("the mini corpus needs wordfreq: pip install wordfreq") from None
     raw = wordfreq.top_n_list("en", int(vocab_size * 1.25) + 500)
@@ -156,7 +160,6 @@ def speaker_table(seed: int, m: MiniConfig) -> dict[str, list[dict]]:
 
     train/dev/test are disjoint; unlabeled = train speakers + its own extra voices (never dev/test ones).
     """
-    from qspeech.data.espeak import ACCENTS, english_accents, voice_variants
 
     accents, variants = english_accents(), voice_variants()
     rng = _rng(seed, "speakers")
@@ -202,7 +205,6 @@ def speaker_table(seed: int, m: MiniConfig) -> dict[str, list[dict]]:
 
 
 def variant_index(variant: str) -> int:
-    from qspeech.data.espeak import voice_variants
 
     return voice_variants().index(variant)
 
@@ -210,7 +212,6 @@ def variant_index(variant: str) -> int:
 # ----------------------------------------------------------------------------------------- hashing / paths
 
 def _settings(cfg: DataConfig) -> dict:
-    from qspeech.data.espeak import espeak_version
 
     mini = asdict(cfg.mini)
     mini.pop("workers", None)
@@ -258,7 +259,6 @@ def _plan(cfg: DataConfig, split: str, speakers: list[dict]) -> list[dict]:
 
 def _render(job: dict, engine) -> tuple[str, np.ndarray]:
     """Synthesize one utterance -> (text actually spoken, int16 16 kHz); too long: fewer words."""
-    from qspeech.data.audio import resample
 
     words = job["text"].split()
     pad = job["pad"]
@@ -293,9 +293,8 @@ def _render(job: dict, engine) -> tuple[str, np.ndarray]:
 
 def _synth_shard(out_dir: str, jobs: list[dict]) -> list[dict]:
     """Worker: synthesize a shard in order (fresh process) and write FLAC files under out_dir."""
-    import soundfile as sf
+    import soundfile as sf  # libsndfile, in the worker process only
 
-    from qspeech.data.espeak import Espeak
 
     engine = Espeak()
     rows = []
@@ -324,11 +323,6 @@ def run_shards(out_dir: Path, shards: list[list[dict]], workers: int, desc: str,
     Plain subprocesses rather than multiprocessing: nothing of the caller (its __main__, threads, torch) is
     re-imported or forked.
     """
-    import subprocess
-    import tempfile
-
-    from tqdm import tqdm
-
     cmd, env = _worker_cmd(out_dir)
     results: list[list[dict] | None] = [None] * len(shards)
     pending = list(range(len(shards)))

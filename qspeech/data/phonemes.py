@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
+from qspeech.data.espeak import Espeak
 from qspeech.errors import DataError
 
 __all__ = ["CMU_PHONES", "ESPEAK_TO_CMU", "espeak_phonemes", "phonemize", "strip_stress"]
@@ -59,9 +60,8 @@ def strip_stress(phone: str) -> str:
 
 @lru_cache(maxsize=1)
 def _text_to_phonemes():
-    import espeakng_loader
+    import espeakng_loader  # loads eSpeak NG's library only when phonemizing
 
-    from qspeech.data.espeak import Espeak
 
     Espeak()  # initialises the library (the same process-wide handle as synthesis)
     fn = ctypes.CDLL(espeakng_loader.get_library_path()).espeak_TextToPhonemes
@@ -72,7 +72,6 @@ def _text_to_phonemes():
 
 def espeak_phonemes(text: str, voice: str) -> list[str]:
     """eSpeak NG's phoneme mnemonics for `text` spoken by `voice` (e.g. "en-us+m3"), stress marks removed."""
-    from qspeech.data.espeak import Espeak
 
     if Espeak()._lib.espeak_SetVoiceByName(voice.encode()) != 0:
         raise DataError(f"eSpeak NG has no voice {voice!r}")

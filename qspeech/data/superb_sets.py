@@ -22,6 +22,7 @@ import csv
 from pathlib import Path
 
 from qspeech.data.audio import audio_info
+from qspeech.data.config import resolve_path
 from qspeech.data.labeled import LabeledUtterance
 from qspeech.errors import DataError
 
@@ -128,7 +129,6 @@ def load_real_split(dataset: str, root, split: str) -> list[LabeledUtterance]:
     """`split` (train | dev | test) of a real data set under `root` (data.root), in its own layout."""
     if root in (None, ""):
         raise DataError(f"data.root is not set: set data.root=/path/to/the {dataset} data set")
-    from qspeech.data.config import resolve_path
 
     root = resolve_path(root)
     if not root.is_dir():

@@ -28,7 +28,10 @@ import numpy as np
 
 from qspeech.atomic import build_lock
 from qspeech.checks import integer, pair
+from qspeech.data.config import MiniConfig
+from qspeech.data.espeak import espeak_version
 from qspeech.data.labeled import LabeledUtterance
+from qspeech.data.mini import GENERATOR_VERSION, SHARD_SIZE, default_workers, make_sentence, run_shards, speaker_table
 from qspeech.errors import ConfigError, DataError
 
 __all__ = ["KS_KEYWORDS", "KS_UNKNOWN_WORDS", "KS_CLASSES", "IC_INTENTS", "SynthConfig", "load_synth_split",
@@ -104,8 +107,6 @@ class SynthConfig:
 
 
 def _settings(task: str, cfg: SynthConfig) -> dict:
-    from qspeech.data.espeak import espeak_version
-    from qspeech.data.mini import GENERATOR_VERSION
 
     s = asdict(cfg)
     s.pop("workers")
@@ -124,8 +125,6 @@ def _rng(*keys) -> random.Random:
 
 
 def _speakers(task: str, cfg: SynthConfig) -> dict[str, list[dict]]:
-    from qspeech.data.config import MiniConfig
-    from qspeech.data.mini import speaker_table
 
     sid = task == "sid"
     mini = MiniConfig(n_train=1, n_dev=0 if sid else 1, n_test=0 if sid else 1, n_unlabeled=0,
@@ -147,7 +146,6 @@ def _content(task: str, r: random.Random, i: int, n: int) -> tuple[str, str, int
         room = "" if loc == "none" else f" in the {r.choice(_ROOMS[loc])}"
         text = r.choice(_PHRASES[(action, obj)]).format(loc=room)
         return f"{action};{obj};{loc}", text, len(text.split())
-    from qspeech.data.mini import make_sentence
 
     return "", make_sentence(r, 3, 8, 2000), 3  # sid: the label is the speaker
 
@@ -177,7 +175,7 @@ def _plan(task: str, cfg: SynthConfig, split: str, speakers: list[dict]) -> list
 
 def _silence(out: Path, job: dict) -> dict:
     """Speech Commands' "_silence_": 1 s of background noise (white, brown or hum), no speech."""
-    import soundfile as sf
+    import soundfile as sf  # libsndfile, in the worker process only
 
     rng = np.random.default_rng(job["noise_seed"])
     x = rng.standard_normal(SAMPLE_RATE).astype(np.float32)
@@ -196,7 +194,6 @@ def _silence(out: Path, job: dict) -> dict:
 
 
 def _build(task: str, cfg: SynthConfig, split: str, tmp: Path, progress: bool) -> list[dict]:
-    from qspeech.data.mini import SHARD_SIZE, default_workers, run_shards
 
     jobs = _plan(task, cfg, split, _speakers(task, cfg)[split])
     speech = [j for j in jobs if j["text"]]

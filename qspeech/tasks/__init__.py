@@ -1,7 +1,8 @@
-"""SUPERB downstream tasks. `run_task` dispatches on cfg.task.kind (only 'asr' so far).
+"""SUPERB downstream tasks. `run_task` dispatches on cfg.task.kind to the task module that declares it.
 
-A task is one module here that defines `TASK = Task(kind, config class, run function)` plus
-conf/task/<name>.yaml (`defaults: [_schema_<kind>, _self_]`): this package finds every module with a TASK.
+A task is one module here that defines `TASK = Task(kind, config class, downstream, metrics)` (its config,
+its part of qspeech.tasks.downstream.run_downstream, the metrics it reports) plus conf/task/<name>.yaml
+(`defaults: [_schema_<kind>, _self_]`): this package finds every module with a TASK.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import pkgutil
 from pathlib import Path
 
 from qspeech.tasks.config import Task, TaskConfig
-from qspeech.tasks.metrics import TaskMetrics
+from qspeech.tasks.downstream import run_downstream
+from qspeech.tasks.metrics import Metric, TaskMetrics
 
-__all__ = ["TASKS", "Task", "TaskConfig", "TaskMetrics", "run_task", "task_schemas"]
+__all__ = ["TASKS", "Metric", "Task", "TaskConfig", "TaskMetrics", "run_task", "task_schemas"]
 
 
 def _discover() -> dict[str, Task]:
@@ -38,4 +40,5 @@ def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = T
     """Train and evaluate cfg.task on the frozen `upstream`; returns its TaskMetrics (see tasks/metrics.py).
     cfg: the typed run config (qspeech.config.RunConfig or anything with its task, train, data, seed and
     cache_dir)."""
-    return TASKS[cfg.task.kind].run(cfg, upstream, Path(run_dir), upstream_key, progress=progress, on_step=on_step)
+    return run_downstream(cfg, upstream, Path(run_dir), upstream_key, TASKS[cfg.task.kind], progress=progress,
+                          on_step=on_step)

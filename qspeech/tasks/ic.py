@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qspeech.checks import choice
-from qspeech.tasks.config import Task
-from qspeech.tasks.utterance import UtteranceConfig, run_labeled
+from qspeech.tasks.utterance import UtteranceConfig, classification_task
 
 
 @dataclass
@@ -27,9 +26,5 @@ class ICConfig(UtteranceConfig):
         choice(self, "dataset", ("fluent_speech_commands", "synth"))
 
 
-def run_task(cfg, upstream, run_dir, upstream_key, progress=True, on_step=None):
-    # slot values: those of the train split (s3prl builds its encoder from the csv files), checked per split
-    return run_labeled(cfg, upstream, run_dir, upstream_key, None, slots=3, progress=progress, on_step=on_step)
-
-
-TASK = Task("ic", ICConfig, run_task)
+# slot values: those of the train split (s3prl builds its encoder from the csv files), checked per split
+TASK = classification_task("ic", ICConfig, slots=3)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qspeech.checks import choice
-from qspeech.tasks.config import Task
-from qspeech.tasks.utterance import UtteranceConfig, run_labeled
+from qspeech.tasks.utterance import UtteranceConfig, classification_task
 
 CLASSES = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_unknown_", "_silence_")
 
@@ -31,8 +30,4 @@ class KSConfig(UtteranceConfig):
         choice(self, "dataset", ("speech_commands", "synth"))
 
 
-def run_task(cfg, upstream, run_dir, upstream_key, progress=True, on_step=None):
-    return run_labeled(cfg, upstream, run_dir, upstream_key, [list(CLASSES)], progress=progress, on_step=on_step)
-
-
-TASK = Task("ks", KSConfig, run_task)
+TASK = classification_task("ks", KSConfig, CLASSES)

@@ -1,26 +1,48 @@
-"""Word and character error rates (jiwer), in percent, over a corpus (not averaged per utterance), and the
-record a task returns."""
+"""What tasks score and report: the metrics a task declares (name, unit, direction), word and character
+error rates (jiwer) in percent over a corpus (not averaged per utterance), and the record a task returns."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import jiwer
 
 from qspeech.records import Record, optional
 
 
-# Whether a larger value of a metric is better (report and sweeps compare with it); error rates are not.
-HIGHER_IS_BETTER = {"wer": False, "cer": False, "per": False, "acc": True}
+@dataclass(frozen=True)
+class Metric:
+    """A score a task reports, as its Task declares it (qspeech.tasks.config.Task registers it here)."""
+
+    name: str  # the key in result.json (`metric`, dev_<name>)
+    higher_is_better: bool  # the report and sweeps compare with it
+    unit: str = "%"
+
+
+# name -> Metric, filled by every Task when it is declared (a task module is found by qspeech.tasks)
+METRICS: dict[str, Metric] = {}
+
+
+def register(metrics) -> None:
+    """Declares `metrics` (Metric); a name declared twice must mean the same thing."""
+    for m in metrics:
+        if METRICS.setdefault(m.name, m) != m:
+            raise ValueError(f"metric {m.name!r} declared twice differently: {METRICS[m.name]} and {m}")
 
 
 def higher_is_better(metric: str) -> bool:
-    return HIGHER_IS_BETTER.get(metric, False)
+    """Whether a larger value of `metric` is better, as the task that reports it declares (unknown: False)."""
+    m = METRICS.get(metric)
+    return m.higher_is_better if m is not None else False
 
 
 def metric_unit(metric: str) -> str:
-    """The unit a metric's values are written in (every built-in metric is a percentage)."""
-    return "%"
+    """The unit `metric`'s values are written in, as the task that reports it declares (unknown: %)."""
+    m = METRICS.get(metric)
+    return m.unit if m is not None else "%"
 
 
 def _pairs(refs: list[str], hyps: list[str]) -> tuple[list[str], list[str]]:
@@ -45,11 +67,12 @@ def cer(refs: list[str], hyps: list[str]) -> float:
 class TaskMetrics(Record):
     """What a downstream task reports (result.json's `metrics`): the test metric, the dev scores that chose
     the checkpoint, and how training went. Task-specific scores (ASR's dev_wer, cer, dev_cer) are left out of
-    the file by tasks that do not have them."""
+    the file by tasks that do not have them; the scores of a metric without a field here (a new task's) are in
+    `scores` and written flat beside the others (dev_<name>, <name>)."""
 
-    metric: str  # name of `value`: wer, per (lower is better) or acc (higher is better); see HIGHER_IS_BETTER
-    value: float  # the test score, in percent
-    higher_is_better: bool | None = optional()  # written by tasks whose metric is not an error rate
+    metric: str  # name of `value`, a Metric its task declares (wer, per: lower is better; acc: higher)
+    value: float  # the test score, in the metric's unit
+    higher_is_better: bool | None = optional()  # the metric's direction; not written by ASR (Task.states_direction)
     dev_wer: float | None = optional()
     dev_per: float | None = optional()
     dev_acc: float | None = optional()
@@ -73,6 +96,41 @@ class TaskMetrics(Record):
     head_params: int | None = None
     n_classes: list[int] | None = optional()  # classification: classes per slot (IC: action, object, location)
     majority_acc: float | None = optional()  # classification: test accuracy of always answering train's majority
+    scores: dict[str, float] | None = optional()  # dev_<name> and <name> of metrics without a field above
+
+    @classmethod
+    def of_scores(cls, metrics, test: Mapping, dev: Mapping, states_direction: bool = True, **fields) -> "TaskMetrics":
+        """The record of a task declaring `metrics` (the first one selects and is `value`) from its test and
+        best dev scores: dev_<first>, then <name> and dev_<name> of the others; higher_is_better where
+        states_direction."""
+        first, *rest = metrics
+        named = {f"dev_{first.name}": dev.get(first.name, math.nan)}
+        for m in rest:
+            named |= {m.name: test[m.name], f"dev_{m.name}": dev.get(m.name, math.nan)}
+        own = {f.name for f in dataclasses.fields(cls)}
+        scores = {k: float(v) for k, v in named.items() if k not in own}
+        return cls(metric=first.name, value=float(test[first.name]),
+                   higher_is_better=first.higher_is_better if states_direction else None,
+                   **{k: float(v) for k, v in named.items() if k in own}, scores=scores or None, **fields)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        return {k: v for k, v in out.items() if k != "scores"} | (out.get("scores") or {})
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "TaskMetrics":
+        m = super().from_dict(data)
+        own = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: float(v) for k, v in data.items() if k not in own and k.removeprefix("dev_") in METRICS
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return dataclasses.replace(m, scores=extra) if extra else m
+
+    def __getattr__(self, name: str):
+        """dev_<name> and <name> of a metric without a field of its own (see `scores`)."""
+        scores = self.__dict__.get("scores") or {}
+        if name in scores:
+            return scores[name]
+        raise AttributeError(name)
 
     @property
     def dev_value(self) -> float | None:

@@ -12,23 +12,21 @@ spoke for each utterance, in its voice's accent (qspeech/data/phonemes.py maps t
 from __future__ import annotations
 
 import csv
-import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from qspeech.checks import choice, integer, need, number
 from qspeech.data.phonemes import CMU_PHONES, phonemize, strip_stress
-from qspeech.errors import ConfigError, DataError, TrainingError
-from qspeech.tasks.asr import CTCTask, Featurizer, _metrics, feature_sources
+from qspeech.errors import ConfigError, DataError
 from qspeech.tasks.config import Task, TaskConfig
-from qspeech.tasks.metrics import TaskMetrics, wer
-
-log = logging.getLogger(__name__)
+from qspeech.tasks.ctc import CTCDownstream, CTCTask
+from qspeech.tasks.downstream import Splits
+from qspeech.tasks.featurizer import Featurizer
+from qspeech.tasks.metrics import Metric, wer
+from qspeech.upstream.checkpoints import s3prl_cache_path
 
 LEXICON_URLS = (
     "https://huggingface.co/datasets/s3prl/g2p/raw/main/lexicon/librispeech-lexicon-200k-g2p.txt",
@@ -94,11 +92,10 @@ def read_lexicon(files: list[str]) -> dict[str, list[str]]:
     return lex
 
 
-def _lexicon_files(cfg: PRConfig) -> list[str]:
+def lexicon_files(cfg: PRConfig) -> list[str]:
+    """task.lexicon, or s3prl's two LibriSpeech lexicons in its download cache."""
     if cfg.lexicon is not None:
         return list(cfg.lexicon)
-    from qspeech.upstream.checkpoints import s3prl_cache_path
-
     return [str(s3prl_cache_path(u)) for u in LEXICON_URLS]
 
 
@@ -126,7 +123,7 @@ def phone_targets(cfg: PRConfig, utts, lexicon: dict | None) -> list[list[int]]:
             phones = []
             for w in u.text.split():
                 if w not in lexicon:
-                    raise DataError(f"word {w!r} of {u.utt_id} is not in the lexicon ({', '.join(_lexicon_files(cfg))})")
+                    raise DataError(f"word {w!r} of {u.utt_id} is not in the lexicon ({', '.join(lexicon_files(cfg))})")
                 phones += lexicon[w]
         bad = next((p for p in phones if p not in index), None)
         if bad is not None:
@@ -157,62 +154,28 @@ class PRTask(CTCTask):
     def scores(self, refs, hyps):
         return {"per": wer(refs, hyps)}  # word error rate over phone tokens = PER
 
-
-def run_task(cfg, upstream, run_dir: Path, upstream_key: str, progress: bool = True, on_step=None) -> TaskMetrics:
-    from qspeech.train import torch_threads
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with torch_threads(cfg.train.num_threads):
-        return _run(cfg, upstream, run_dir, upstream_key, progress, on_step)
+    def saved(self) -> dict:
+        return {"phones": list(PHONES)}
 
 
-def _run(cfg, upstream, run_dir, upstream_key, progress, on_step) -> TaskMetrics:
-    import qspeech.data as data
-    from qspeech.atomic import torch_save_atomic, write_text_atomic
-    from qspeech.seeding import seed_everything
-    from qspeech.tasks.asr import _run_key
-    from qspeech.train import autocast_ctx, fit, resolve_device
+class PRDownstream(CTCDownstream):
+    """PR's part of run_downstream: data=...'s splits with their phone targets (task.labels), the PR head and
+    its PRTask. The same feature cache as asr on the same data (one upstream pass for both tasks)."""
 
-    tcfg, trcfg = cfg.task, cfg.train
-    cache_dir = Path(str(cfg.cache_dir))
-    splits = ("train", "dev", "test")
-    if tcfg.labels == "espeak" and cfg.data.kind != "mini":
-        raise ConfigError(f"task.labels=espeak needs the synthesized corpus (data=mini), not data={cfg.data.name}; "
-                          "use task.labels=lexicon")
-    utts = {s: list(data.load_split(cfg.data, s, cache_dir)) for s in splits}
-    lexicon = read_lexicon(_lexicon_files(tcfg)) if tcfg.labels == "lexicon" else None
-    targets = {s: dict(zip([u.utt_id for u in utts[s]], phone_targets(tcfg, utts[s], lexicon))) for s in splits}
-    data_fps = {s: data.config_fingerprint(cfg.data, s) for s in splits}
+    def load(self, progress: bool) -> Splits:
+        tcfg = self.cfg.task
+        if tcfg.labels == "espeak" and self.cfg.data.kind != "mini":
+            raise ConfigError(f"task.labels=espeak needs the synthesized corpus (data=mini), not "
+                              f"data={self.cfg.data.name}; use task.labels=lexicon")
+        data = super().load(progress)
+        lexicon = read_lexicon(lexicon_files(tcfg)) if tcfg.labels == "lexicon" else None
+        self.targets = {s: dict(zip([u.utt_id for u in us], phone_targets(tcfg, us, lexicon)))
+                        for s, us in data.utts.items()}
+        return data
 
-    device = resolve_device(trcfg)
-    orig_device = next(iter(upstream.parameters()), torch.empty(0)).device
-    upstream.eval().requires_grad_(False).to(device)
-    try:  # the same feature cache as asr on the same data (one upstream pass for both tasks)
-        sources, cache = feature_sources(upstream, upstream_key, utts, data_fps, data.read_audio, cache_dir, trcfg,
-                                         device, progress)
-        seed_everything(int(cfg.seed))
-        model = PRHead(upstream.num_hidden, upstream.hidden_size, tcfg)
-        task = PRTask(model, sources, targets, tcfg.lr, trcfg.eval_batch_size)
-        state_dir = Path(trcfg.ckpt_dir) if trcfg.ckpt_dir else cache_dir / "runs" / _run_key(cfg, upstream_key,
-                                                                                                data_fps)
-        res = fit(task, trcfg, seed=int(cfg.seed), state_dir=state_dir, run_dir=run_dir, progress=progress,
-                  on_step=on_step, desc=f"pr {tcfg.name}")
-        with torch.no_grad(), autocast_ctx(trcfg, device):
-            test = task.evaluate("test", device)
-        if not np.isfinite(test["per"]):
-            raise TrainingError("test PER is not finite: the test split has no scorable utterances")
-    finally:
-        upstream.to(orig_device)
-
-    write_text_atomic(run_dir / "test_predictions.tsv", "utt_id\tref\thyp\n" + "".join(
-        "\t".join(row) + "\n" for row in task.last_predictions.get("test", [])))
-    torch_save_atomic({"model": model.state_dict(), "phones": list(PHONES), "task": dataclasses.asdict(tcfg),
-                       "best_step": res.best_step}, run_dir / "downstream.pt")
-    m = _metrics({"wer": test["per"], "cer": float("nan")}, res, model, sources,
-                 cache, device)
-    return dataclasses.replace(m, metric="per", value=float(test["per"]), higher_is_better=False, dev_wer=None,
-                               cer=None, dev_cer=None, dev_per=float(res.best.get("per", float("nan"))))
+    def head(self, upstream, data: Splits, sources: dict) -> PRTask:
+        model = PRHead(upstream.num_hidden, upstream.hidden_size, self.cfg.task)
+        return PRTask(model, sources, self.targets, self.cfg.task.lr, self.cfg.train.eval_batch_size)
 
 
-TASK = Task("pr", PRConfig, run_task)
+TASK = Task("pr", PRConfig, PRDownstream, (Metric("per", higher_is_better=False),))

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qspeech.checks import choice
-from qspeech.tasks.config import Task
-from qspeech.tasks.utterance import UtteranceConfig, run_labeled
+from qspeech.tasks.utterance import UtteranceConfig, classification_task
 
 
 @dataclass
@@ -28,8 +27,4 @@ class SIDConfig(UtteranceConfig):
         choice(self, "dataset", ("voxceleb1", "synth"))
 
 
-def run_task(cfg, upstream, run_dir, upstream_key, progress=True, on_step=None):
-    return run_labeled(cfg, upstream, run_dir, upstream_key, None, progress=progress, on_step=on_step)
-
-
-TASK = Task("sid", SIDConfig, run_task)
+TASK = classification_task("sid", SIDConfig)

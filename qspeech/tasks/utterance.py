@@ -5,39 +5,41 @@ non-linearity; cross-entropy (IC: one per slot, summed), accuracy.
 
 Everything before the last Linear is linear in the hidden states, so mean pooling commutes with the weighted
 sum and the first Linear: the head on each hidden state's mean over frames computes exactly the recipe's
-head on the frames (tests/test_tasks_utterance.py checks it). Each utterance is therefore pooled once, from
-the feature cache (or the live upstream when the cache is off), and training touches L x D numbers per
-utterance.
+head on the frames (tests/test_tasks_superb.py::test_pooled_head_equals_the_recipe_head_on_frames checks it).
+Each utterance is therefore pooled once, from the feature cache (or the live upstream when the cache is off:
+qspeech.features.pooled_splits), and training touches L x D numbers per utterance.
 
-A task module (ks.py, sid.py, ic.py) gives its config (a UtteranceConfig), its labelled splits and classes.
+A task module (ks.py, sid.py, ic.py) gives its config (a UtteranceConfig) and classes: its
+TASK = classification_task(kind, config, classes, slots).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qspeech.checks import choice, integer, number
-from qspeech.data.synth_tasks import SynthConfig
-from qspeech.errors import ConfigError, DataError, TrainingError
-from qspeech.identity import identity_dict, stable_hash
-from qspeech.tasks.asr import Featurizer
-from qspeech.tasks.config import TaskConfig
-from qspeech.tasks.metrics import TaskMetrics
+from qspeech.data.labeled import check_classes, read_segment
+from qspeech.data.superb_sets import load_real_split
+from qspeech.data.synth_tasks import SynthConfig, load_synth_split
+from qspeech.errors import ConfigError, DataError
+from qspeech.features import Pooled, pool_hidden_states, pooled_splits
+from qspeech.tasks.config import Task, TaskConfig
+from qspeech.tasks.downstream import SPLITS, Splits
+from qspeech.tasks.featurizer import Featurizer
+from qspeech.tasks.metrics import Metric
 
-log = logging.getLogger(__name__)
+__all__ = ["UtteranceConfig", "PooledHead", "pool_hidden_states", "classification_task"]
 
-__all__ = ["UtteranceConfig", "PooledHead", "pool_hidden_states", "run_classification"]
+ACCURACY = Metric("acc", higher_is_better=True)  # percent of utterances with every slot right
 
 
 @dataclass
@@ -87,58 +89,24 @@ class PooledHead(nn.Module):
         return list(self.out((x * mask).sum(1) / lens[:, None].to(x.dtype)).split(self.slots, dim=-1))
 
 
-def pool_hidden_states(hs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """(B, F, L, D) hidden states and valid frames -> (B, L, D) means over the valid frames."""
-    mask = (torch.arange(hs.shape[1])[None, :] < lens[:, None]).to(hs.dtype)[:, :, None, None]
-    return (hs * mask).sum(1) / lens.clamp(min=1)[:, None, None].to(hs.dtype)
-
-
-def _pooled_split(upstream, upstream_key, data_fp, utts, read, cache_dir, trcfg, device, use_cache, progress,
-                  desc) -> tuple[torch.Tensor, list[int], dict]:
-    """(N, L, D) pooled hidden states of the readable utterances, their indices, and how they were made."""
-    from qspeech import feature_cache
-
-    info: dict = {}
-    if use_cache:
-        store, status = feature_cache.load_or_build(upstream, upstream_key, data_fp, utts, read, cache_dir,
-                                                    device=device, batch_s=trcfg.feature_batch_s, progress=progress,
-                                                    desc=desc)
-        index = {u.utt_id: i for i, u in enumerate(utts)}
-        kept = [index[i] for i in store.utt_ids]
-        pooled = torch.stack([torch.from_numpy(np.asarray(store.get(k), dtype=np.float32)).mean(0)
-                              for k in range(len(store))]) if kept else torch.empty(0)
-        info = {"status": status, "skipped": list(store.skipped), "utts_per_s": store.meta.get("upstream_utts_per_s")}
-        return pooled, kept, info
-    import time
-
-    out, kept, skipped, secs = [], [], [], 0.0
-    for batch in feature_cache.length_batches(utts, trcfg.feature_batch_s):
-        wavs, ok, failed = feature_cache.read_waves(utts, batch, read)
-        skipped += [p for p, _ in failed]
-        if ok:
-            t0 = time.perf_counter()
-            hs, lens = feature_cache.run_upstream(upstream, wavs, device)
-            secs += time.perf_counter() - t0
-            out.append(pool_hidden_states(hs.cpu(), lens))
-            kept += ok
-    order = np.argsort(kept)
-    pooled = torch.cat(out)[torch.as_tensor(order)] if out else torch.empty(0)
-    return pooled, sorted(kept), {"status": "off", "skipped": skipped,
-                                  "utts_per_s": len(kept) / secs if secs else None}
-
-
 # ---------------------------------------------------------------------------------------------- task
 class ClassificationTask:
-    """The `Trainable` for qspeech.train.fit. Selects on dev error (100 - accuracy): fit keeps the lowest."""
+    """The trainable (qspeech.train.fit, run_downstream's Head) over pooled features: pooled[split].feats[j]
+    is utts[split][j]'s, labels[split][j] its class per slot. Selects on dev error (100 - accuracy): fit keeps
+    the lowest."""
 
     select_metric = "err"
+    test_autocast = False  # the test split is scored in full precision (dev under train.amp, in fit)
 
-    def __init__(self, model: PooledHead, feats: dict, labels: dict, lengths: list[float], lr: float):
-        self.model, self.feats, self.labels, self.lengths, self.lr = model, feats, labels, lengths, lr
+    def __init__(self, model: PooledHead, pooled: dict[str, Pooled], labels: dict, utts: dict,
+                 classes: list[list[str]], lr: float):
+        self.model, self.pooled, self.labels, self.utts = model, pooled, labels, utts
+        self.classes, self.lr = classes, lr
+        self.feats = {s: p.feats for s, p in pooled.items()}
         self.last_predictions: dict[str, torch.Tensor] = {}
 
     def train_lengths(self):
-        return self.lengths
+        return [u.duration_s for u in self.utts["train"]]
 
     def make_optimizer(self):
         return torch.optim.Adam(self.model.parameters(), lr=self.lr)
@@ -162,82 +130,20 @@ class ClassificationTask:
         acc = round(100.0 * int((pred == self.labels[split]).all(dim=1).sum()) / len(pred), 4)
         return {"acc": acc, "err": 100.0 - acc}
 
+    def predictions_tsv(self, split: str) -> str:
+        return "utt_id\tlabel\tpredicted\n" + "".join(
+            f"{u.utt_id}\t{u.label}\t{';'.join(self.classes[k][int(p)] for k, p in enumerate(pred))}\n"
+            for u, pred in zip(self.utts[split], self.last_predictions[split]))
 
-def _run_key(cfg, upstream_key: str, data_fps: dict) -> str:
-    return stable_hash({"upstream": upstream_key, "task": identity_dict(cfg.task), "train": identity_dict(cfg.train),
-                        "data": data_fps, "seed": cfg.seed}, 20)
+    def saved(self) -> dict:
+        return {"classes": self.classes}
 
+    def feature_stats(self) -> dict:
+        return {s: p.stats for s, p in self.pooled.items()}
 
-def run_classification(cfg, upstream, run_dir: Path, upstream_key: str, splits: dict, slots: list[list[str]],
-                       read: Callable[[str], np.ndarray], data_fps: dict, progress: bool = True,
-                       on_step=None) -> TaskMetrics:
-    """Train the pooled head on `splits` ({train, dev, test}: LabeledUtterance lists whose labels are the slot
-    values joined by ';'), select on dev accuracy, report test accuracy (all slots right)."""
-    from qspeech.atomic import torch_save_atomic, write_text_atomic
-    from qspeech.seeding import seed_everything
-    from qspeech.train import fit, resolve_device, torch_threads
-
-    tcfg, trcfg = cfg.task, cfg.train
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    index = [{v: i for i, v in enumerate(values)} for values in slots]
-    with torch_threads(trcfg.num_threads):
-        device = resolve_device(trcfg)
-        orig_device = next(iter(upstream.parameters()), torch.empty(0)).device
-        upstream.eval().requires_grad_(False).to(device)
-        from qspeech import feature_cache
-
-        secs = sum(u.duration_s for s in splits.values() for u in s)
-        est = feature_cache.estimate_bytes(upstream, secs)
-        use_cache = trcfg.cache_features is True or (trcfg.cache_features == "auto" and est <= trcfg.cache_max_gb * 1e9)
-        feats, labels, kept, infos = {}, {}, {}, {}
-        try:
-            for s, utts in splits.items():
-                feats[s], kept[s], infos[s] = _pooled_split(upstream, upstream_key, data_fps[s], utts, read,
-                                                            Path(str(cfg.cache_dir)), trcfg, device, use_cache,
-                                                            progress, f"upstream {s}")
-                if not kept[s]:
-                    raise DataError(f"no readable audio in the {s} split")
-                labels[s] = torch.tensor([[index[k][v] for k, v in enumerate(utts[i].label.split(";"))]
-                                          for i in kept[s]], dtype=torch.long)
-        finally:
-            upstream.to(orig_device)
-
-        seed_everything(int(cfg.seed))
-        model = PooledHead(upstream.num_hidden, upstream.hidden_size, [len(v) for v in slots], tcfg)
-        lengths = [splits["train"][i].duration_s for i in kept["train"]]
-        task = ClassificationTask(model, feats, labels, lengths, tcfg.lr)
-        state_dir = Path(trcfg.ckpt_dir) if trcfg.ckpt_dir else Path(str(cfg.cache_dir)) / "runs" / _run_key(
-            cfg, upstream_key, data_fps)
-        res = fit(task, trcfg, seed=int(cfg.seed), state_dir=state_dir, run_dir=run_dir, progress=progress,
-                  on_step=on_step, desc=f"{tcfg.kind} {tcfg.name}")
-        with torch.no_grad():
-            test = task.evaluate("test", device)
-    if not np.isfinite(test["acc"]):
-        raise TrainingError("test accuracy is not finite")
-
-    pred = task.last_predictions["test"]
-    rows = ["utt_id\tlabel\tpredicted\n"] + [
-        f"{splits['test'][i].utt_id}\t{splits['test'][i].label}\t"
-        f"{';'.join(slots[k][int(p)] for k, p in enumerate(pred[j]))}\n" for j, i in enumerate(kept["test"])]
-    write_text_atomic(run_dir / "test_predictions.tsv", "".join(rows))
-    torch_save_atomic({"model": model.state_dict(), "classes": slots, "task": dataclasses.asdict(tcfg),
-                       "best_step": res.best_step}, run_dir / "downstream.pt")
-    rates = [(len(kept[s]), len(kept[s]) / infos[s]["utts_per_s"]) for s in splits if infos[s]["utts_per_s"]]
-    n_up, t_up = sum(n for n, _ in rates), sum(t for _, t in rates)
-    skipped = sorted({p for i in infos.values() for p in i["skipped"]})
-    statuses = [i["status"] for i in infos.values()]
-    return TaskMetrics(
-        metric="acc", value=float(test["acc"]), higher_is_better=True,
-        dev_acc=float(res.best.get("acc", float("nan"))), steps=res.steps, best_step=res.best_step,
-        train_wall_s=round(res.train_wall_s, 3), upstream_utts_per_s=round(n_up / t_up, 3) if t_up else None,
-        train_utts_per_s=round(res.train_items_per_s, 3),
-        layer_weights=[round(w, 6) for w in model.featurizer.layer_weights()],
-        n_train=len(kept["train"]), n_dev=len(kept["dev"]), n_test=len(kept["test"]), skipped_audio=len(skipped),
-        feature_cache="off" if "off" in statuses else ("hit" if all(s == "hit" for s in statuses) else "miss"),
-        resumed_from_step=res.resumed_from, device=str(device), head_params=sum(p.numel() for p in model.parameters()),
-        n_classes=[len(v) for v in slots], majority_acc=round(_majority(labels["train"], labels["test"]), 2),
-    )
+    def extra_metrics(self) -> dict:
+        return {"n_classes": [len(v) for v in self.classes],
+                "majority_acc": round(_majority(self.labels["train"], self.labels["test"]), 2)}
 
 
 def _majority(train: torch.Tensor, test: torch.Tensor) -> float:
@@ -249,12 +155,9 @@ def _majority(train: torch.Tensor, test: torch.Tensor) -> float:
 def load_labeled_splits(cfg, progress: bool = True) -> tuple[dict, dict]:
     """({train, dev, test}: LabeledUtterance lists, {split: fingerprint of its content}) of cfg.task's data set:
     the synthesized corpus (task.dataset=synth) or the real one under data.root."""
-    from qspeech.data.superb_sets import load_real_split
-    from qspeech.data.synth_tasks import load_synth_split
-
     tcfg = cfg.task
     splits = {}
-    for s in ("train", "dev", "test"):
+    for s in SPLITS:
         if tcfg.dataset == "synth":
             splits[s] = load_synth_split(tcfg.kind, tcfg.corpus, s, cfg.cache_dir, progress=progress)
         else:
@@ -264,13 +167,8 @@ def load_labeled_splits(cfg, progress: bool = True) -> tuple[dict, dict]:
     return splits, fps
 
 
-def run_labeled(cfg, upstream, run_dir, upstream_key, classes: list[list[str]] | None, slots: int = 1,
-                progress: bool = True, on_step=None) -> TaskMetrics:
-    """A classification task end to end: its splits, their classes checked (`classes` per slot, or those of
-    the train split), the pooled head trained and tested."""
-    from qspeech.data.labeled import check_classes, read_segment
-
-    splits, fps = load_labeled_splits(cfg, progress)
+def read_classes(splits: dict, classes: list[list[str]] | None, slots: int) -> list[list[str]]:
+    """Each slot's class names (`classes`, or those of the train split), checked against every split."""
     if classes is None:
         found = check_classes(splits, slot_sep=";" if slots > 1 else None)
         classes = [[c.split(":", 1)[1] for c in found if c.startswith(f"{k}:")] for k in range(slots)] \
@@ -282,5 +180,39 @@ def run_labeled(cfg, upstream, run_dir, upstream_key, classes: list[list[str]] |
         if bad is not None:
             raise DataError(f"{bad.utt_id} of the {s} split has label {bad.label!r}: expected {len(classes)} "
                             "slot(s) separated by ';'")
-    return run_classification(cfg, upstream, run_dir, upstream_key, splits, classes, read_segment, fps,
-                              progress=progress, on_step=on_step)
+    return classes
+
+
+class PooledDownstream:
+    """A classification task's part of run_downstream: its labelled splits (task.dataset), their pooled hidden
+    states (qspeech.features.pooled_splits) and the pooled head. classes: each slot's class names, or None for
+    those of the train split (`slots` of them, separated by ';' in a label)."""
+
+    head_key: dict = {}
+    trainable = ClassificationTask  # a task scoring more than accuracy brings its subclass
+
+    def __init__(self, cfg, classes: list[list[str]] | None = None, slots: int = 1):
+        self.cfg, self.classes, self.slots = cfg, classes, slots
+
+    def load(self, progress: bool) -> Splits:
+        utts, fps = load_labeled_splits(self.cfg, progress)
+        self.classes = read_classes(utts, self.classes, self.slots)
+        return Splits(utts, fps)
+
+    def features(self, upstream, upstream_key: str, data: Splits, device, progress: bool) -> dict[str, Pooled]:
+        return pooled_splits(upstream, upstream_key, data.utts, data.fingerprints, read_segment,
+                             Path(str(self.cfg.cache_dir)), self.cfg.train, device, progress)
+
+    def head(self, upstream, data: Splits, pooled: dict[str, Pooled]) -> ClassificationTask:
+        index = [{v: i for i, v in enumerate(values)} for values in self.classes]
+        labels = {s: torch.tensor([[index[k][v] for k, v in enumerate(data.utts[s][i].label.split(";"))]
+                                   for i in p.kept], dtype=torch.long) for s, p in pooled.items()}
+        model = PooledHead(upstream.num_hidden, upstream.hidden_size, [len(v) for v in self.classes], self.cfg.task)
+        kept = {s: [data.utts[s][i] for i in p.kept] for s, p in pooled.items()}
+        return self.trainable(model, pooled, labels, kept, self.classes, self.cfg.task.lr)
+
+
+def classification_task(kind: str, config: type, classes: list[str] | None = None, slots: int = 1) -> Task:
+    """The TASK of a classification task module: scored by accuracy (all slots right)."""
+    return Task(kind, config, partial(PooledDownstream, classes=None if classes is None else [list(classes)],
+                                      slots=slots), (ACCURACY,))
