@@ -66,7 +66,7 @@ class Downstream(Protocol):
 def run_key(cfg, upstream_key: str, fingerprints: dict, head_key: dict) -> str:
     """The trained head's resume key: the upstream, the task and train settings, the train/dev/test content,
     the seed (and the task's head_key); an eval split never changes it."""
-    return stable_hash({"upstream": upstream_key, "task": identity_dict(cfg.task), "train": identity_dict(cfg.train),
+    return stable_hash({"upstream": upstream_key, "task": identity_dict(cfg.task), "train": cfg.train.resume_identity(),
                         "data": {s: fingerprints[s] for s in SPLITS}, "seed": cfg.seed, **head_key}, 20)
 
 
