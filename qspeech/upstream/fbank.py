@@ -4,7 +4,8 @@
 framed like HuBERT's CNN (window 400 / hop 320 samples: 25 / 20 ms) so that an utterance gives exactly as
 many frames as a 20 ms upstream and the same downstream head (frame_stride, BiLSTM) applies unchanged;
 per-utterance mean and variance normalisation over the valid frames (s3prl's fbank baseline applies CMVN).
-It has no weights: nothing to quantize, no storage, and its MACs are not counted.
+It has no weights: nothing to quantize, no storage, and its MACs are not counted. Its architecture (hidden
+states, frames) is qspeech/upstream/archs/fbank.py.
 """
 
 from __future__ import annotations

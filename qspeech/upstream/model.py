@@ -36,7 +36,7 @@ class Upstream(nn.Module):
 
     Hidden states follow s3prl's experts exactly: for HuBERT / wav2vec 2.0 / WavLM the input of each
     transformer layer plus the encoder output (13 for Base); for DistilHuBERT the CNN projection, each
-    layer's output and each prediction head.
+    layer's output and each prediction head; for FBANK its log-mel features.
     """
 
     def __init__(self, model: nn.Module, spec: UpstreamSpec, normalize: bool = False):
