@@ -6,8 +6,8 @@
 
 One job per module: timing (interleaved runs, speed-ups), onnxrt (ONNX export, onnxruntime sessions and their
 profile by part of the model), int8 (torch's dynamic int8 kernel), nbits (MatMulNBits graphs from the model's
-codes), qdq (the whole graph in static int8 with the model's own codes), variants (the variant table and bench_upstream),
-command (`qspeech bench` and its table).
+codes), qdq (the whole graph in static int8 with the model's own codes), variants (the variant table and
+bench_upstream), command (`qspeech bench` and its table).
 
 Variants (each: median forward latency over `repeats` runs after `warmup` runs, the runs of all variants
 interleaved round by round so that load changes on a shared machine hit them alike; threads pinned with
@@ -47,8 +47,9 @@ Each variant's `max_abs_err` is the largest |difference| of the last hidden stat
 round_to_storage_, i.e. the model the runner evaluates) for the low-bit ones. `measured_speedup` is the
 latency of torch_fp32 (resp. ort_fp32) divided by the variant's; `fake_quant_err[b]` is the fake-quantized
 model's own error against torch_fp32, which a b-bit kernel's error should stay within. onnx['profile']
-says where ort_fp32, nbits_2bit and ort_int8_8bit spend their time (part of the model, costliest kernels). CUDA variants (cuda_fp32, cuda_bf16) are
-added when a GPU is present. Speed is noisy on a shared machine: compare ratios from one call only.
+says where ort_fp32, nbits_2bit and ort_int8_8bit spend their time (part of the model, costliest kernels).
+CUDA variants (cuda_fp32, cuda_bf16) are added when a GPU is present. Speed is noisy on a shared machine:
+compare ratios from one call only.
 """
 
 from qspeech.bench.command import format_table, main

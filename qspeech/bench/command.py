@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from tabulate import tabulate
+
+from qspeech.atomic import write_json_atomic
 from qspeech.bench.variants import DEFAULT_BITS, bench_upstream
+from qspeech.config import output_dir
+from qspeech.seeding import seed_everything
+from qspeech.upstream import build_upstream
 
 
 def format_table(result: dict) -> str:
-    from tabulate import tabulate
-
     rows = []
     for name, r in result["variants"].items():
         s = r["measured_speedup"]
@@ -31,11 +35,6 @@ def main(cfg, run_dir=None) -> dict:
     cfg.bits, or 8/4/2/1 when cfg.bits is 32); writes run_dir/bench.json and prints the table.
     Keys: bench.seconds, bench.batch, bench.threads, bench.repeats, bench.warmup, bench.bits, bench.variants,
     bench.onnx, bench.cnn_int8."""
-    from qspeech.atomic import write_json_atomic
-    from qspeech.config import output_dir
-    from qspeech.seeding import seed_everything
-    from qspeech.upstream import build_upstream
-
     run_dir = output_dir(run_dir)
     b = getattr(cfg, "bench", None)
     bits = _setting(b, "bits", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DQLinear
 
 from qspeech.quant import clone_model, quantized_modules, quantized_weight_parts
 from qspeech.quant.api import force_projection_calls
@@ -30,8 +31,6 @@ def int8_weight(parts: dict | None, weight: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _dq_linear(weight_q: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    from torch.ao.nn.quantized.dynamic import Linear as DQLinear
-
     out_f, in_f = weight_q.shape[0], weight_q.shape[1]
     m = DQLinear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
     m.set_weight_bias(weight_q, None if bias is None else bias.detach().float())

@@ -61,7 +61,8 @@ def nbits_blocks(parts: dict | None, weight: torch.Tensor, bits: int, block: int
     wg = Fq.as_groups(torch.nn.functional.pad(w, (0, nb * block - k)), "group", block)
     s, _ = Fq.rtn_params(wg, kb, symmetric=True)
     u = Fq.rtn_codes(wg, s, None, kb).reshape(n, -1)[:, :k].to(torch.int64) + 2 ** (kb - 1)
-    return kb, u, s.float(), None, f"symmetric RTN on blocks of {block} of the fake-quant weights (not the model's grid)"
+    grid = f"symmetric RTN on blocks of {block} of the fake-quant weights (not the model's grid)"
+    return kb, u, s.float(), None, grid
 
 
 def weight_key(w: np.ndarray) -> str:
@@ -79,7 +80,7 @@ def weight_index(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 def _match(node, inits: dict, by_key: dict, by_key_t: dict):
     """(quantized linear's name, bias input) when `node` multiplies by one of their weights, else (None, None):
     MatMul(x, W^T) with W^T folded into an initializer, or Gemm(x, W, bias, transB=1) (2-D inputs)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     if node.op_type == "MatMul" and node.input[1] in inits:
         w = numpy_helper.to_array(inits[node.input[1]])
@@ -96,7 +97,7 @@ def _match(node, inits: dict, by_key: dict, by_key_t: dict):
 
 def _nbits_nodes(node, bias, mod: nn.Module, bits: int, block: int, accuracy_level: int, base: str):
     """(new nodes, new initializers, grid description) computing `node`'s output with MatMulNBits."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     kb, u, scale, zp, how = nbits_blocks(quantized_weight_parts(mod), mod.weight, bits, block)
     n_out, k = u.shape
@@ -123,7 +124,7 @@ def nbits_onnx(fp_onnx: Path, out_path, upstream_fp, quantized, bits: int, block
                accuracy_level: int = NBITS_ACCURACY_LEVEL) -> tuple[Path, str, int]:
     """Rewrite the fp32 ONNX model: each MatMul whose weight is a quantized linear's (matched by content
     against upstream_fp) becomes MatMulNBits with that module's codes. Returns (path, grids, replaced)."""
-    import onnx
+    import onnx  # heavy (onnx: 1.5 s to import): loaded when a graph is built
     from onnx import helper
 
     qmods = {n: m for n, m in quantized_modules(quantized).items() if isinstance(m, nn.Linear)}

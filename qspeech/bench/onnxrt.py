@@ -3,35 +3,34 @@ where their time goes (onnxruntime's profiler)."""
 
 from __future__ import annotations
 
+import json
+import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class HiddenStates(nn.Module):
-    """Upstream -> tuple of hidden states, for ONNX export (one graph output per hidden state). Runs the
-    s3prl model without a padding mask (the benchmark's batch has no padding; s3prl's masked index_put does
-    not export): the same computation as Upstream.forward with all-valid lengths."""
+    """Upstream -> tuple of hidden states, for ONNX export (one graph output per hidden state). Runs its
+    architecture's hidden states without a padding mask (the benchmark's batch has no padding; s3prl's
+    masked index_put does not export): the same computation as Upstream.forward with all-valid lengths."""
 
     def __init__(self, upstream):
         super().__init__()
         self.upstream = upstream
 
     def forward(self, wavs):
-        import torch.nn.functional as F
-
-        from qspeech.upstream.builders import hidden_states_with_hooks
-
         up = self.upstream
-        if up.spec.arch == "distiller":
-            return tuple(up(wavs).hidden_states)
         if up.normalize:
             wavs = F.layer_norm(wavs, wavs.shape[-1:])
         if hasattr(up.model, "feature_grad_mult"):
             up.model.feature_grad_mult = 0.0
-        states = hidden_states_with_hooks(up.model, lambda: up.model.extract_features(wavs, None, mask=False))
+        lens = torch.full((wavs.shape[0],), wavs.shape[1], dtype=torch.long)
+        states = up.architecture.hidden_states(up.model, wavs, lens, None)
         frames = min(s.shape[1] for s in states)
         return tuple(s[:, :frames] for s in states)
 
@@ -40,9 +39,7 @@ class HiddenStates(nn.Module):
 def _traceable_s3prl():
     """s3prl's pad_to_multiple calls float.is_integer() on x.size(dim) / multiple, which is a tensor while
     tracing; the export has a fixed input shape, so a python-int version is equivalent."""
-    import math
-
-    import torch.nn.functional as F
+    # s3prl is imported where used: heavy, and only the commands that build an upstream need it
     from s3prl.upstream.wav2vec2 import wav2vec2_model as w2v
 
     def pad_to_multiple(x, multiple, dim=-1, value=0):
@@ -66,8 +63,6 @@ def _traceable_s3prl():
 def export_onnx(upstream, wavs: torch.Tensor, path) -> Path:
     """The upstream (fixed input shape) as ONNX via torch's TorchScript exporter (dynamo=False: the dynamo
     exporter needs onnxscript, which is not installed), outputs h0..hN."""
-    import warnings
-
     path = Path(path)
     wrapper = HiddenStates(upstream).eval()
     n = upstream.num_hidden
@@ -80,7 +75,7 @@ def export_onnx(upstream, wavs: torch.Tensor, path) -> Path:
 
 
 def session_options(threads: int, config: dict | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
@@ -98,7 +93,7 @@ def session_options(threads: int, config: dict | None = None):
 
 
 def ort_session(path, threads: int, config: dict | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     return ort.InferenceSession(str(path), session_options(threads, config), providers=["CPUExecutionProvider"])
 
@@ -114,7 +109,7 @@ def ort_runner(path, wavs: torch.Tensor, threads: int, config: dict | None = Non
 
 def op_counts(path) -> dict:
     """The 12 most frequent node types of an ONNX graph."""
-    import onnx
+    import onnx  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     m = onnx.load(str(path), load_external_data=False)
     counts: dict[str, int] = {}
@@ -127,9 +122,7 @@ def profile_shares(path, feed: dict, threads: int, runs: int = 2, config: dict |
     """Where an onnxruntime graph spends its time, from onnxruntime's profiler over `runs` runs after one
     warm-up (left out): ms per run (node time), the share of each part of the model (CNN front end,
     attention block, feed-forward, other) and ms per run of the 8 costliest operator types (the kernels)."""
-    import json
-
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     so = session_options(threads, config)
     so.enable_profiling = True

@@ -16,7 +16,8 @@ from torch import nn
 
 from qspeech.bench.int8 import int8_weight
 from qspeech.bench.nbits import weight_index, weight_key
-from qspeech.quant import quantized_modules, quantized_weight_parts
+from qspeech.bench.onnxrt import export_onnx
+from qspeech.quant import clone_model, quantized_modules, quantized_weight_parts, remove_quantization_
 
 QDQ_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -43,7 +44,7 @@ def _codes_and_scales(mod: nn.Module) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _set(inits: dict, name: str, value: np.ndarray) -> None:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
@@ -51,7 +52,7 @@ def _set(inits: dict, name: str, value: np.ndarray) -> None:
 def _rescale_bias(inits: dict, dq, ratio: np.ndarray) -> None:
     """The int32 bias of a fused int8 Gemm/Conv is read at scale x_scale * w_scale (the quantizer wrote it
     so); when the weight scales change by `ratio`, its scale and integers must follow."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
         return
@@ -66,7 +67,7 @@ def _own_weights(model, fp_graph, quantized) -> tuple[int, set]:
     """Put each quantized module's own int8 codes and scales into the QDQ model in place of the ones
     onnxruntime's quantizer computed from its fake-quantized fp32 weights (which `fp_graph` holds, matched
     by content). Returns (replaced, grids)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # heavy (onnx: 1.5 s to import): loaded when a graph is built
 
     qmods = {n: m for n, m in quantized_modules(quantized).items() if isinstance(m, (nn.Linear, nn.Conv1d))}
     transposed, as_is = weight_index({n: m.weight for n, m in qmods.items()})
@@ -115,7 +116,7 @@ def qdq_onnx(fp_onnx: Path, out_path, calibration: list[np.ndarray], quantized=N
     activations with scales calibrated on `calibration`, minmax). With `quantized` (the fake-quantized
     upstream whose weights `fp_onnx` holds: see fake_quant_onnx), its quantized modules keep their own
     codes. Returns (path, weights description, modules with own codes)."""
-    import onnx
+    import onnx  # heavy (onnx: 1.5 s to import): loaded when a graph is built
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -144,9 +145,6 @@ def qdq_onnx(fp_onnx: Path, out_path, calibration: list[np.ndarray], quantized=N
 def fake_quant_onnx(quantized, wavs: torch.Tensor, path) -> Path:
     """The fake-quantized upstream as an fp32 ONNX graph whose weights are the quantized ones (baked into
     plain parameters of a copy), so that calibration sees the activations of the quantized model."""
-    from qspeech.bench.onnxrt import export_onnx
-    from qspeech.quant import clone_model, remove_quantization_
-
     with torch.inference_mode(False):
         baked = remove_quantization_(clone_model(quantized), keep="quantized").requires_grad_(False)
     return export_onnx(baked, wavs, path)

@@ -16,6 +16,8 @@ from qspeech.bench.onnxrt import export_onnx, op_counts, ort_runner, profile_sha
 from qspeech.bench.qdq import fake_quant_onnx, qdq_onnx
 from qspeech.bench.timing import add_speedups, cpu_name, time_interleaved
 from qspeech.quant import QuantConfig, as_quant_config, clone_model, quantize_, quantized_modules, round_to_storage_
+from qspeech.train import torch_threads
+from qspeech.upstream import Upstream, build_upstream
 
 SAMPLE_RATE = 16_000
 LUT_CONFIG = {"mlas.use_lut_gemm": 1}
@@ -193,8 +195,6 @@ class Variants:
 
 
 def _resolve_upstream(upstream_or_cfg):
-    from qspeech.upstream import Upstream, build_upstream
-
     if isinstance(upstream_or_cfg, Upstream):
         return upstream_or_cfg
     cfg = upstream_or_cfg
@@ -220,8 +220,6 @@ def bench_upstream(upstream_or_cfg, bits=DEFAULT_BITS, seconds: float = 10.0, ba
     quant_cfg: how the fake-quant reference (and the codes fed to the kernels) is made; default rtn
     per-channel symmetric on the transformer linears. variants: names to run (default all that apply).
     Returns a dict with RESULT_KEYS; result['variants'][name] has VARIANT_KEYS."""
-    from qspeech.train import torch_threads
-
     upstream = _resolve_upstream(upstream_or_cfg)
     if quantized_modules(upstream):
         raise ValueError("bench_upstream takes the full-precision upstream; it quantizes copies itself")
@@ -238,7 +236,7 @@ def bench_upstream(upstream_or_cfg, bits=DEFAULT_BITS, seconds: float = 10.0, ba
         for b in bits:
             v.low_bits(qcfg, b, cnn_int8)
         v.time(repeats, warmup)
-    import onnxruntime
+    import onnxruntime  # heavy to import; loaded by the variants above by now (its version is recorded)
 
     return {
         "device": "cuda+cpu" if torch.cuda.is_available() else "cpu",

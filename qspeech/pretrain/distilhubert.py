@@ -24,7 +24,7 @@ KIND = "distill"
 
 
 def build_student(student_cfg: dict) -> torch.nn.Module:
-    from qspeech.upstream.builders import distiller_model
+    from qspeech.upstream.archs.distiller import distiller_model
 
     return distiller_model(dict(student_cfg))
 

@@ -43,7 +43,7 @@ def task_config(hop: int) -> dict:
 
 
 def build_model(model_cfg: dict, n_clusters: int, hop: int) -> torch.nn.Module:
-    from qspeech.upstream.builders import hubert_model
+    from qspeech.upstream.archs.hubert import hubert_model
 
     return hubert_model(dict(model_cfg), task_config(hop), [list(range(n_clusters))])
 

@@ -12,18 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from qspeech.atomic import atomic_path
 from qspeech.errors import CheckpointError
+from qspeech.upstream.registry import checkpoint_formats, get_arch
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
-
-# Keys that identify each of s3prl's checkpoint formats.
-FORMATS = {
-    "converted": ("task_cfg", "model_cfg", "model_weight"),  # HuBERT / wav2vec 2.0 (s3prl convert.py)
-    "distiller": ("Config", "Distiller"),  # DistilHuBERT
-    "wavlm": ("cfg", "model"),  # WavLM
-}
-ARCH_FORMAT = {"hubert": "converted", "wav2vec2": "converted", "distiller": "distiller", "wavlm": "wavlm"}
 
 
 def file_sha256(path) -> str:
@@ -46,10 +41,6 @@ def s3prl_cache_path(url: str) -> Path:
 
 def download(url: str, dst: Path, timeout: float = 30.0) -> Path:
     """Download to a temp file beside dst, then rename: an interrupted download leaves no bad file."""
-    from tqdm import tqdm
-
-    from qspeech.atomic import atomic_path
-
     req = urllib.request.Request(url, headers={"User-Agent": "qspeech"})
     with urllib.request.urlopen(req, timeout=timeout) as resp, atomic_path(dst) as tmp:
         total = int(resp.headers.get("Content-Length") or 0) or None
@@ -134,16 +125,16 @@ def load(path: Path, trust: bool = False) -> dict:
 def check_format(state: dict, arch: str, path: Path) -> None:
     """The keys of `arch`'s s3prl format are there and each config / weights entry is a mapping, so a file
     of the wrong kind is one line here rather than a TypeError in the model builder."""
-    fmt = ARCH_FORMAT[arch]
-    missing = [k for k in FORMATS[fmt] if k not in state]
+    keys = get_arch(arch).checkpoint_keys
+    missing = [k for k in keys if k not in state]
     if missing:
-        found = next((f for f, keys in FORMATS.items() if all(k in state for k in keys)), None)
+        found = next((f for f, fkeys in checkpoint_formats().items() if all(k in state for k in fkeys)), None)
         hint = f"it looks like a '{found}' checkpoint" if found else f"its keys are {sorted(map(str, state))[:6]}"
         raise CheckpointError(
             f"{path} is not an s3prl {arch} checkpoint (missing {', '.join(missing)}; {hint}); "
             f"check model= matches the file"
         )
-    bad = [k for k in FORMATS[fmt] if not isinstance(state[k], Mapping)]
+    bad = [k for k in keys if not isinstance(state[k], Mapping)]
     if bad:
         raise CheckpointError(f"{path} is not an s3prl {arch} checkpoint ({', '.join(bad)} should be a mapping, "
                               f"not {type(state[bad[0]]).__name__}); check model= matches the file")

@@ -7,8 +7,8 @@ from typing import Any
 
 from qspeech.checks import choice, need
 from qspeech.identity import outside
+from qspeech.upstream.registry import arch_names
 
-ARCHS = ("hubert", "wav2vec2", "distiller", "wavlm", "fbank")
 INITS = ("pretrained", "random")
 
 
@@ -18,7 +18,9 @@ class ModelConfig:
     default stays empty because composing merges an option's arch_cfg into it (keys cannot be removed)."""
 
     name: str = "hubert"
-    arch: str = "hubert"  # hubert | wav2vec2 | distiller | wavlm | fbank (log-mel features, no weights)
+    # An architecture of qspeech/upstream/archs/: hubert | wav2vec2 | distiller | wavlm | fbank (log-mel
+    # features, no weights) | any other registered one.
+    arch: str = "hubert"
     # Checkpoint download (s3prl's converted format).
     url: str | None = "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt"
     ckpt: str | None = None  # a local checkpoint in s3prl's format instead of the download
@@ -32,5 +34,5 @@ class ModelConfig:
 
     def __post_init__(self):
         need(bool(self.name), "name", self.name, "must be a non-empty name")
-        choice(self, "arch", ARCHS)
+        choice(self, "arch", arch_names())
         choice(self, "init", INITS)

@@ -4,7 +4,8 @@
 framed like HuBERT's CNN (window 400 / hop 320 samples: 25 / 20 ms) so that an utterance gives exactly as
 many frames as a 20 ms upstream and the same downstream head (frame_stride, BiLSTM) applies unchanged;
 per-utterance mean and variance normalisation over the valid frames (s3prl's fbank baseline applies CMVN).
-It has no weights: nothing to quantize, no storage, and its MACs are not counted.
+It has no weights: nothing to quantize, no storage, and its MACs are not counted. Its architecture (hidden
+states, frames) is qspeech/upstream/archs/fbank.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qspeech.upstream.model import SAMPLE_RATE, Upstream, UpstreamOutput, UpstreamSpec
+from qspeech.upstream.model import SAMPLE_RATE
 
 
 def _mel(hz):
@@ -65,30 +66,3 @@ class Fbank(nn.Module):
         mean = (feats * valid).sum(1, keepdim=True) / n[:, None, None]
         var = (((feats - mean) * valid) ** 2).sum(1, keepdim=True) / n[:, None, None]
         return ((feats - mean) / torch.sqrt(var + 1e-5)) * valid
-
-
-class FbankUpstream(Upstream):
-    """The Upstream interface over Fbank: one hidden state of n_mels dims, 20 ms frames like a HuBERT CNN."""
-
-    def __init__(self, spec: UpstreamSpec):
-        super().__init__(Fbank(**dict(spec.arch_cfg)), spec, normalize=False)
-
-    @property
-    def conv_layers(self) -> list[tuple[int, int, int]]:
-        return [(self.model.n_mels, self.model.window, self.model.hop)]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.n_mels
-
-    @property
-    def num_hidden(self) -> int:
-        return 1
-
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> UpstreamOutput:
-        if wavs.dim() == 1:
-            wavs = wavs.unsqueeze(0)
-        if wav_lens is None:
-            wav_lens = torch.full((wavs.shape[0],), wavs.shape[1], dtype=torch.long, device=wavs.device)
-        feats = self.model(wavs, wav_lens.to(wavs.device))
-        return UpstreamOutput([feats], self.frame_lengths(wav_lens.to(wavs.device)).clamp(max=feats.shape[1]))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qspeech.upstream.builders import hidden_states_with_hooks
+from qspeech.upstream.registry import Architecture, get_arch
 
 SAMPLE_RATE = 16_000
 
@@ -31,11 +31,12 @@ class UpstreamSpec:
 
 
 class Upstream(nn.Module):
-    """Wraps an s3prl model. `model` is the module whose weights quantizers and accounting see.
+    """Wraps an upstream model (s3prl's classes, or FBANK's). `model` is the module whose weights quantizers
+    and accounting see; its architecture (spec.arch, qspeech.upstream.archs) says what its hidden states are.
 
     Hidden states follow s3prl's experts exactly: for HuBERT / wav2vec 2.0 / WavLM the input of each
     transformer layer plus the encoder output (13 for Base); for DistilHuBERT the CNN projection, each
-    layer's output and each prediction head.
+    layer's output and each prediction head; for FBANK its log-mel features.
     """
 
     def __init__(self, model: nn.Module, spec: UpstreamSpec, normalize: bool = False):
@@ -50,9 +51,12 @@ class Upstream(nn.Module):
         self.eval()
 
     @property
+    def architecture(self) -> Architecture:
+        return get_arch(self.spec.arch)
+
+    @property
     def conv_layers(self) -> list[tuple[int, int, int]]:
-        fe = self.model.feature_extractor
-        return [(blk[0].out_channels, blk[0].kernel_size[0], blk[0].stride[0]) for blk in fe.conv_layers]
+        return self.architecture.conv_layers(self.model)
 
     @property
     def downsample_rate(self) -> int:
@@ -63,16 +67,11 @@ class Upstream(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.model.encoder.layers[0].self_attn.embed_dim if self.spec.arch != "distiller" else int(
-            self.model.config.encoder_embed_dim
-        )
+        return self.architecture.hidden_size(self.model)
 
     @property
     def num_hidden(self) -> int:
-        if self.spec.arch == "distiller":
-            cfg = self.model.config
-            return 1 + cfg.encoder_layers + (cfg.n_tasks if cfg.out_layer_type != "none" else 0)
-        return len(self.model.encoder.layers) + 1
+        return self.architecture.num_hidden(self.model)
 
     def frame_lengths(self, wav_lens: torch.Tensor) -> torch.Tensor:
         n = wav_lens.clone()
@@ -95,20 +94,7 @@ class Upstream(nn.Module):
         if hasattr(self.model, "feature_grad_mult"):
             self.model.feature_grad_mult = 1.0 if self.cnn_grad else 0.0
 
-        if self.spec.arch == "distiller":
-            _, feat_final, pred, _, layer_hidden = self.model(wavs, valid.float(), get_hidden=True)
-            states = [feat_final] + list(layer_hidden)
-            if pred is not None:
-                states += [p for p in pred.transpose(0, 1)]
-        else:
-            pad = ~valid
-            if self.spec.arch == "hubert":
-                run = lambda: self.model.extract_features(wavs, padding_mask=pad, mask=False)  # noqa: E731
-            elif self.spec.arch == "wav2vec2":
-                run = lambda: self.model.extract_features(wavs, pad, mask=False)  # noqa: E731
-            else:  # wavlm
-                run = lambda: self.model.extract_features(wavs, padding_mask=pad, mask=False)  # noqa: E731
-            states = hidden_states_with_hooks(self.model, run)
+        states = self.architecture.hidden_states(self.model, wavs, wav_lens, ~valid)
         frames = min(s.shape[1] for s in states)
         states = [s[:, :frames] for s in states]
         return UpstreamOutput(states, self.frame_lengths(wav_lens).clamp(max=frames))
