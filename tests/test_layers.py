@@ -25,7 +25,7 @@ LAYERS = [
     ("cost", ["qspeech.cost"]),
     ("tasks", ["qspeech.tasks"]),
     ("schema", ["qspeech.config"]),
-    ("pipeline", ["qspeech.qat", "qspeech.export", "qspeech.results", "qspeech.runner", "qspeech.bench",
+    ("pipeline", ["qspeech.cache_admin", "qspeech.qat", "qspeech.export", "qspeech.results", "qspeech.runner", "qspeech.bench",
                   "qspeech.pretrain", "qspeech.report", "qspeech.demo", "qspeech.search"]),
     ("cli", ["qspeech.cli", "qspeech.completion", "qspeech.__main__"]),
 ]
