@@ -8,7 +8,7 @@ Measured on the 2-core machine: the default-suite tests ~10 s together; the slow
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
 import signal
@@ -27,9 +27,13 @@ from qspeech import distributed
 from qspeech.train import TrainConfig, fit
 
 # Two ranks against one process: the same updates, but each rank's loss is a mean over its shard and the
-# gradients are summed across ranks, so floats are added in another order. Measured largest differences: the
-# toy's weights ~1e-7 after 30 Adam steps, the smoke run's head weights ~1e-6 and its losses ~1e-6.
+# gradients are summed across ranks, so floats are added in another order. The toy (measured: weights 6e-8,
+# losses 1e-6, i.e. the 6-decimal rounding of metrics.csv, after 30 Adam steps):
 TOL = 1e-5
+# The smoke ASR head: Adam's first updates are g / (|g| + 1e-8) * lr, so the summation noise in a gradient near
+# 1e-8 moves that weight by up to ~lr. Measured at lr 0.02 after 6 steps: the largest weight difference 1.3e-2 (a
+# handful of weights), the mean per tensor at most 6e-6; the losses 1.5e-4 relative; scores and predictions equal.
+SMOKE_WEIGHT_MAX, SMOKE_WEIGHT_MEAN, SMOKE_LOSS_RTOL = 0.05, 1e-4, 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -141,7 +145,9 @@ def _free_port() -> int:
 
 
 def _two_ranks(tmp: Path, dropout: float = 0.0, stop_at: int | None = None) -> dict | None:
-    mp.spawn(_rank, args=(2, _free_port(), tmp, dropout, stop_at), nprocs=2)
+    # fork: the ranks start in a second instead of re-importing torch (~20 s on the loaded 2-core machine); they
+    # run one thread each (train.num_threads=1), so no OpenMP pool is used after the fork
+    mp.start_processes(_rank, args=(2, _free_port(), tmp, dropout, stop_at), nprocs=2, start_method="fork")
     outs = [tmp / f"out{r}.pt" for r in range(2)]
     if not outs[0].exists():
         return None
@@ -180,3 +186,109 @@ def test_two_ranks_resume_to_the_numbers_of_an_uninterrupted_run(tmp_path):
     assert resumed["resumed_from"] == 15
     assert resumed["history"] == whole["history"] and resumed["best_step"] == whole["best_step"]
     assert all(torch.equal(v, whole["weights"][k]) for k, v in resumed["weights"].items())
+
+
+# ------------------------------------------------------------------------------------- the CLI under torchrun
+BIN = Path(sys.executable).parent
+# lr 0.02: six steps move the head enough that its scores and predictions follow its weights
+SMOKE = ["experiment=smoke", "train.num_threads=1", "task.lr=0.02"]
+VOLATILE_METRICS = {"train_wall_s", "upstream_utts_per_s", "train_utts_per_s", "feature_cache", "resumed_from_step"}
+
+
+def _cli(cwd: Path, cache: Path, args: list[str], ranks: int = 1) -> subprocess.Popen:
+    """`qspeech run` (ranks=1) or `torchrun --standalone --nproc_per_node=<ranks> -m qspeech run` in cwd."""
+    (cwd / "tmp").mkdir(parents=True, exist_ok=True)  # TMPDIR: where rank 1 keeps its scratch run folder
+    env = {**os.environ, "QSPEECH_CACHE": str(cache), "OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / "tmp")}
+    cmd = [str(BIN / "qspeech")] if ranks == 1 else [
+        str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "qspeech"]
+    return subprocess.Popen([*cmd, "run", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks at once (torchrun starts each rank in a session of its own)."""
+    pids = [proc.pid, *_descendants(proc.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def _run_dir(cwd: Path) -> Path:
+    (run,) = (cwd / "outputs" / "run").iterdir()
+    return run
+
+
+def _loss_history(run: Path) -> list[tuple[str, str, float]]:
+    rows = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    return [(step, f"{split}/{metric}", float(value)) for step, split, metric, value in rows]
+
+
+@pytest.mark.slow
+def test_cli_two_ranks_train_like_one_process(tmp_path):
+    """~1 min: the smoke run on one process and under torchrun on two (dropout and SpecAugment off: the
+    ranks' random draws differ from one process's), sharing the cache: scores, losses and head weights."""
+    args = [*SMOKE, "task.dropout=0", "task.specaug.enabled=false"]
+    cache = tmp_path / "cache"
+    _finish(_cli(tmp_path / "one", cache, args))
+    _finish(_cli(tmp_path / "two", cache, args, ranks=2))
+    one, two = _run_dir(tmp_path / "one"), _run_dir(tmp_path / "two")
+    m1, m2 = (json.loads((r / "result.json").read_text())["metrics"] for r in (one, two))
+    for k in ("value", "cer", "dev_wer", "dev_cer", "best_step", "n_train"):
+        assert m2[k] == m1[k], k
+    assert (one / "test_predictions.tsv").read_text() == (two / "test_predictions.tsv").read_text()
+    h1, h2 = _loss_history(one), _loss_history(two)
+    assert [h[:2] for h in h1] == [h[:2] for h in h2]
+    rel = max(abs(a[2] - b[2]) / max(abs(a[2]), 1e-9) for a, b in zip(h1, h2))
+    w1, w2 = (torch.load(r / "downstream.pt", weights_only=True)["model"] for r in (one, two))
+    wmax = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    wmean = max(float((w1[k] - w2[k]).abs().mean()) for k in w1)
+    print(f"CLI two ranks vs one process: metrics.csv rel diff {rel:.2e}, head weights max {wmax:.2e} mean {wmean:.2e}")
+    assert rel < SMOKE_LOSS_RTOL and wmax < SMOKE_WEIGHT_MAX and wmean < SMOKE_WEIGHT_MEAN
+    # rank 1 wrote nothing of its own into the run folder: the same files, one copy of each log line
+    assert sorted(p.name for p in one.rglob("*")) == sorted(p.name for p in two.rglob("*"))
+    assert "[rank" not in (two / "qspeech.log").read_text()
+    assert not any((tmp_path / "two" / "tmp").iterdir())  # rank 1's scratch folder is gone
+    assert len(list((cache / "runs").glob("*/ranks2/last.pt"))) == 1  # two ranks' state apart from one process's
+
+
+@pytest.mark.slow
+def test_cli_two_ranks_killed_resume_to_the_uninterrupted_numbers(tmp_path):
+    """~2 min: a two-rank smoke run (dropout and SpecAugment on) SIGKILLed, torchrun and ranks at once, after
+    its first checkpoint, then rerun, equals an uninterrupted two-rank run exactly."""
+    args = [*SMOKE, "train.max_steps=12", "train.eval_every=3"]
+    _finish(_cli(tmp_path / "whole", tmp_path / "cache_whole", args, ranks=2))
+    cache = tmp_path / "cache"
+    proc = _cli(tmp_path / "killed", cache, args, ranks=2)
+    deadline = time.time() + 600
+    while not list((cache / "runs").glob("*/ranks2/last.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    _kill_all(proc)
+    (state,) = (cache / "runs").glob("*/ranks2/last.pt")
+    stopped = torch.load(state, weights_only=True)["step"]
+    assert 0 < stopped < 12, f"the kill came too late (state at step {stopped})"
+    _finish(_cli(tmp_path / "killed", cache, args, ranks=2))
+    whole, resumed = _run_dir(tmp_path / "whole"), _run_dir(tmp_path / "killed")
+    r1, r2 = (json.loads((r / "result.json").read_text())["metrics"] for r in (whole, resumed))
+    assert r2["resumed_from_step"] == stopped
+    assert {k: v for k, v in r1.items() if k not in VOLATILE_METRICS} == \
+        {k: v for k, v in r2.items() if k not in VOLATILE_METRICS}
+    for name in ("metrics.csv", "test_predictions.tsv"):
+        assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
+    w1, w2 = (torch.load(r / "downstream.pt", weights_only=True)["model"] for r in (whole, resumed))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
