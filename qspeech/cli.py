@@ -505,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         if command in ("-sc", "--shell-completion") or command.startswith("--shell-completion="):
             _complete(argv)
         elif command in HYDRA_COMMANDS:
+            if distributed.launched() and command != "run":  # the others would write one folder N times
+                fail(f"under torchrun only `qspeech run` trains on several processes, not `qspeech {command}`")
             config_name, fn = HYDRA_COMMANDS[command]
             launch(config_name, command, rest, fn)
         elif command in PLAIN_COMMANDS:

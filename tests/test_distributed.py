@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from qspeech import distributed
+from qspeech import cli, distributed
 from qspeech.train import TrainConfig, fit
 
 # Two ranks against one process: the same updates, but each rank's loss is a mean over its shard and the
@@ -78,6 +78,14 @@ def test_shard_gradients_make_the_whole_batch_gradient():
                                      + grads_of(distributed.shard(range(5), 1, 2)), params)
     assert total == 5 and loss == pytest.approx(whole[0], abs=1e-6)
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(expect, params))
+
+
+def test_under_torchrun_only_run_is_accepted(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["cost", "experiment=smoke"])
+    assert e.value.code == 2 and "only `qspeech run`" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ two ranks, in-process
