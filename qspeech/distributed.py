@@ -5,7 +5,9 @@ LOCAL_RANK). Every rank runs the whole pipeline; in the training loop (qspeech.l
 each rank takes its shard of every global batch and the ranks take one optimizer step together: every rank's
 loss is a mean over its shard, so its gradients are weighted by its item count and the sum over ranks is divided
 by the global count, which gives the update one process computes on the whole batch. Rank 0 (`is_main`) alone
-evaluates, checkpoints and writes the run's files; the state file holds every rank's RNG state.
+evaluates, checkpoints and writes the run's files; the state file holds every rank's RNG state. What is not
+split: features and QAT students are built by one rank (the cache's file lock; main_first) and loaded by the
+others.
 
 Without torchrun (or with one process) nothing here initialises anything and every helper is the identity.
 """

@@ -262,7 +262,8 @@ class _Run:
 
     def share(self, out: Step | None) -> Step | None:
         """Across ranks: backward of this rank's shard, then the gradients, loss and item count of the global
-        batch (a NaN on any rank makes the global loss NaN); None when no rank had a usable shard."""
+        batch (a NaN on any rank makes the global loss NaN; the step's other metrics stay this rank's); None
+        when no rank had a usable shard."""
         params = [p for p in self.job.model.parameters() if p.requires_grad]
         self.job.optimizer.zero_grad(set_to_none=True)
         if out is not None:
