@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import qspeech.pretrain.config  # noqa: F401 - registers the pretrain / distill schemas
 import qspeech.search.config  # noqa: F401 - registers the search schema and its folder name
+from qspeech import distributed
 from qspeech.checks import describe
 from qspeech.config import CONF_DIR, GROUPS, RunConfig, group_options, to_typed
 from qspeech.errors import ConfigError, QSpeechError
@@ -223,6 +224,11 @@ def _hydra_settings(command: str) -> None:
     }
     ConfigStore.instance().store(group="hydra/help", name="qspeech", node=help_node, provider="qspeech")
     ConfigStore.instance().store(group="hydra/job_logging", name="qspeech", node=logging_node, provider="qspeech")
+    # torchrun's ranks other than 0 (qspeech.distributed): warnings and errors on the console, no log file
+    rank_node = {**logging_node, "formatters": {"plain": {"format": f"[rank {distributed.rank()}] %(message)s"}},
+                 "handlers": {"console": {**logging_node["handlers"]["console"], "stream": "ext://sys.stderr"}},
+                 "root": {"level": "WARNING", "handlers": ["console"]}}
+    ConfigStore.instance().store(group="hydra/job_logging", name="qspeech_rank", node=rank_node, provider="qspeech")
 
 
 def _hydra_defaults(overrides: list[str]) -> list[str]:
@@ -230,6 +236,8 @@ def _hydra_defaults(overrides: list[str]) -> list[str]:
     qspeech (qspeech.log, help), with the help page and logging of _hydra_settings."""
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     ours = {"hydra.job.name": "qspeech", "hydra/help": "qspeech", "hydra/job_logging": "qspeech"}
+    if not distributed.is_main():  # torchrun's other ranks write nothing into the run folder (.hydra, log)
+        ours |= {"hydra/job_logging": "qspeech_rank", "hydra.output_subdir": "null"}
     return [f"{k}={v}" for k, v in ours.items() if k not in given]
 
 
@@ -348,6 +356,8 @@ def _cmd_run(cfg: RunConfig, run_dir: Path) -> float | list[float]:
     from qspeech import loggers
     from qspeech.runner import run
 
+    if not distributed.is_main():  # torchrun's other ranks: rank 0 logs and reports the run
+        return _objective(cfg, run(cfg, run_dir))
     params = loggers.flatten(dataclasses.asdict(cfg))
     with loggers.session(cfg.logger, run_dir, run_dir.name, params) as logger:
         result = run(cfg, run_dir)
@@ -495,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         if command in ("-sc", "--shell-completion") or command.startswith("--shell-completion="):
             _complete(argv)
         elif command in HYDRA_COMMANDS:
+            if distributed.launched() and command != "run":  # the others would write one folder N times
+                fail(f"under torchrun only `qspeech run` trains on several processes, not `qspeech {command}`")
             config_name, fn = HYDRA_COMMANDS[command]
             launch(config_name, command, rest, fn)
         elif command in PLAIN_COMMANDS:

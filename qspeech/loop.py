@@ -4,7 +4,9 @@
 A `Job` says what one step computes; the loop owns everything around it: the learning-rate schedule, the
 optimizer update with gradient clipping, the NaN/inf guard, the progress bar and progress lines (logging),
 log averages sent to the experiment logger (qspeech.loggers), periodic evaluation, and the resumable state: one format, written atomically, read with weights_only=True, from
-which a killed run continues to exactly the numbers of an uninterrupted one on CPU.
+which a killed run continues to exactly the numbers of an uninterrupted one on CPU. With LoopConfig.distributed
+the job trains on torchrun's ranks (qspeech.distributed): one update from every rank's shard, rank 0 alone
+logging, evaluating and writing the state (which holds every rank's RNG state).
 
     class Regression(Job):
         def __init__(self, model, data):
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from qspeech.atomic import torch_save_atomic
-from qspeech import loggers
+from qspeech import distributed, loggers
 from qspeech.errors import TrainingError
 from qspeech.seeding import rng_state, seed_everything, set_rng_state
 
@@ -122,6 +124,9 @@ class LoopConfig:
     # (qspeech.loggers.active(), set by the CLI), if any.
     logger: loggers.MetricLogger | None = None
     log_prefix: str | None = None  # keys are <prefix>/<name>; None: the first word of desc
+    # Train across torchrun's ranks (qspeech.distributed, whose process group is up): each job's step is
+    # its rank's shard of the global batch; only rank 0 logs, evaluates and writes the state.
+    distributed: bool = False
 
 
 @dataclass
@@ -178,14 +183,17 @@ class _Run:
 
     def __init__(self, job: Job, cfg: LoopConfig):
         self.job, self.cfg = job, cfg
+        self.main = not cfg.distributed or distributed.is_main()
         self.base_lrs = [g["lr"] for g in job.optimizer.param_groups]  # before a resumed state changes them
         self.step, self.wall_s, self.step_s, self.items = 0, 0.0, 0.0, 0
         self.avg, self.last = _Averager(), {}
         self.resumed_from = self._resume()
         if self.resumed_from is None:
             self.resumed_from = 0
-            if cfg.seed is not None:
-                seed_everything(cfg.seed)
+            if cfg.seed is not None:  # each rank draws its own dropout / augmentation (rank 0: as one process)
+                seed_everything(cfg.seed + (distributed.rank() if cfg.distributed else 0))
+        if cfg.distributed:  # replicas start equal whatever their initialisation did
+            distributed.broadcast_tensors(list(job.model.state_dict().values()))
         self.t_start = time.perf_counter()
         self.logger = cfg.logger if cfg.logger is not None else loggers.active()
         self.prefix = cfg.log_prefix or (cfg.desc.split() or ["train"])[0]
@@ -210,7 +218,7 @@ class _Run:
             return None
         job.model.load_state_dict(state["model"])
         job.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        set_rng_state(self._own_rng(state))
         self.step, self.wall_s = int(state["step"]), float(state["wall_s"])
         self.step_s, self.items = float(state.get("step_s", 0.0)), int(state.get("items", 0))
         # the log interval the checkpoint fell inside: its first log after resuming averages the same steps
@@ -218,6 +226,16 @@ class _Run:
         self.avg.sums, self.avg.n = dict(interval.get("sums", {})), int(interval.get("n", 0))
         job.load(state)
         return self.step
+
+    def _own_rng(self, state: dict) -> dict:
+        """This process's RNG state in a saved state: across ranks, its rank's."""
+        if not self.cfg.distributed:
+            return state["rng"]
+        rngs = state.get("rngs") or []
+        if len(rngs) != distributed.world_size():
+            raise TrainingError(f"{self.cfg.state_path} was not written by a run on {distributed.world_size()} "
+                                f"processes; delete it to start over")
+        return rngs[distributed.rank()]
 
     def wall(self) -> float:
         return self.wall_s + time.perf_counter() - self.t_start
@@ -227,8 +245,9 @@ class _Run:
         cfg, opt, n = self.cfg, self.job.optimizer, self.step + 1
         if not torch.isfinite(out.loss.detach()).item():
             raise TrainingError(f"{cfg.desc}: the loss is {out.loss.item()} at step {n}: training diverged; {cfg.hint}")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        if not cfg.distributed:  # distributed: share() has set the global batch's gradients
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
         gnorm = None
         if cfg.grad_clip:
             gnorm = nn.utils.clip_grad_norm_(self.job.model.parameters(), float(cfg.grad_clip))
@@ -241,6 +260,18 @@ class _Run:
         opt.step()
         return None if gnorm is None else float(gnorm)
 
+    def share(self, out: Step | None) -> Step | None:
+        """Across ranks: backward of this rank's shard, then the gradients, loss and item count of the global
+        batch (a NaN on any rank makes the global loss NaN; the step's other metrics stay this rank's); None
+        when no rank had a usable shard."""
+        params = [p for p in self.job.model.parameters() if p.requires_grad]
+        self.job.optimizer.zero_grad(set_to_none=True)
+        if out is not None:
+            out.loss.backward()
+        loss, items = distributed.all_reduce_gradients(
+            params, float(out.loss.detach()) if out is not None else 0.0, out.items if out is not None else 0)
+        return Step(torch.tensor(loss), out.metrics if out is not None else {}, items) if items else None
+
     def evaluate(self) -> dict | None:
         model = self.job.model
         device = next(model.parameters(), torch.empty(0)).device
@@ -252,11 +283,14 @@ class _Run:
         return out
 
     def save(self) -> None:
-        job = self.job
+        job, rng = self.job, rng_state()
+        ranks = {"rngs": distributed.all_gather(rng)} if self.cfg.distributed else {}  # rank 0 writes them all
+        if not self.main:
+            return
         torch_save_atomic({"version": STATE_VERSION, "model": job.model.state_dict(),
-                           "optimizer": job.optimizer.state_dict(), "rng": rng_state(), "step": self.step,
+                           "optimizer": job.optimizer.state_dict(), "rng": rng, "step": self.step,
                            "wall_s": self.wall(), "step_s": self.step_s, "items": self.items,
-                           "log_interval": {"sums": dict(self.avg.sums), "n": self.avg.n}, **job.state()},
+                           "log_interval": {"sums": dict(self.avg.sums), "n": self.avg.n}, **ranks, **job.state()},
                           self.cfg.state_path)
 
     def after_step(self, out: Step, gnorm: float | None, bar) -> None:
@@ -271,9 +305,10 @@ class _Run:
         if step % cfg.log_every == 0 or done:
             self.last = self.avg.pop()
             lr = self.job.optimizer.param_groups[0]["lr"]
-            _postfix(bar, job.log(step, self.last, lr, self.wall()))
-            self.report("train", self.last, {"lr": lr})
-        if cfg.eval_every and (step % cfg.eval_every == 0 or done):
+            if self.main:
+                _postfix(bar, job.log(step, self.last, lr, self.wall()))
+                self.report("train", self.last, {"lr": lr})
+        if cfg.eval_every and (step % cfg.eval_every == 0 or done) and self.main:
             out = self.evaluate()
             _postfix(bar, out)
             if out:
@@ -303,8 +338,8 @@ def run(job: Job, cfg: LoopConfig) -> LoopResult:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     r = _Run(job, cfg)
-    bar = tqdm(total=cfg.total, initial=r.step, desc=cfg.desc, disable=not cfg.progress, dynamic_ncols=True,
-               leave=False, mininterval=1 if os.isatty(2) else 30)
+    bar = tqdm(total=cfg.total, initial=r.step, desc=cfg.desc, disable=not (cfg.progress and r.main),
+               dynamic_ncols=True, leave=False, mininterval=1 if os.isatty(2) else 30)
     # progress lines printed through the bar, not across it
     with logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext():
         _loop(job, cfg, r, bar)
@@ -317,6 +352,8 @@ def _loop(job: Job, cfg: LoopConfig, r: _Run, bar) -> None:
         while r.step < cfg.total:
             t0 = time.perf_counter()
             out = job.step(r.step)
+            if cfg.distributed:
+                out = r.share(out)
             if out is None:
                 continue
             gnorm = r.update(out)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qspeech import distributed
 from qspeech.atomic import ensure_folder, folder_lock, folder_problem, storage_error
 from qspeech.config import RunConfig
 from qspeech.errors import QSpeechError, StorageError
 from qspeech.results import COST_FILE, FAILURE_FILE, RESULT_FILE, RunResult, git_commit, write_json_atomic
 from qspeech.seeding import seed_everything
+from qspeech.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,21 @@ def check_output_folders(cfg: DictConfig) -> None:
 def run(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
     """Run one experiment (cfg: checked by qspeech.config.to_typed); result.json is written (atomically)
     whatever happens once it has started. One process per run folder: a second one is refused
-    (RunLockedError) before it touches anything; a lock left by a killed process is taken over."""
+    (RunLockedError) before it touches anything; a lock left by a killed process is taken over.
+
+    Under torchrun (qspeech.distributed) every rank runs the experiment and trains the head with the others;
+    rank 0 takes the lock and writes the run folder, the other ranks write theirs to a scratch folder that
+    is deleted after (and export nothing)."""
     run_dir = ensure_folder(run_dir, "the run folder", "run from a writable folder or set hydra.run.dir=...")
     ensure_folder(cfg.cache_dir, "cache_dir (QSPEECH_CACHE)", "set QSPEECH_CACHE to a writable folder")
-    with folder_lock(run_dir) as stale:
-        if stale:
-            log.warning("took over %s from a run that stopped without finishing (%s)", run_dir, stale)
-        return _run_locked(cfg, run_dir, progress)
+    with distributed.session(resolve_device(cfg.train) if distributed.launched() else None):
+        if not distributed.is_main():
+            with tempfile.TemporaryDirectory(prefix=f"qspeech-rank{distributed.rank()}-") as scratch:
+                return _run_locked(cfg, Path(scratch), progress=False)
+        with folder_lock(run_dir) as stale:
+            if stale:
+                log.warning("took over %s from a run that stopped without finishing (%s)", run_dir, stale)
+            return _run_locked(cfg, run_dir, progress)
 
 
 def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
@@ -103,7 +114,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
 
         with record_skips() as skips:  # audio the data layer left out before any stage read it
             t = time.perf_counter()
-            upstream = quantize_upstream(cfg, upstream, run_dir, progress)
+            with distributed.main_first():  # torchrun: rank 0 distils a QAT upstream, the others load it cached
+                upstream = quantize_upstream(cfg, upstream, run_dir, progress)
             # Evaluate exactly what the packed file stores: fp16 scales and fp16 non-quantized tensors.
             from qspeech.quant import round_to_storage_
             from qspeech.quant.config import key_dict
@@ -120,7 +132,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
         _count_skips(metrics, skips)
         result.add_metrics(metrics)
 
-        if cfg.export:
+        if cfg.export and distributed.is_main():
             result.add_packed(_export(cfg, upstream, run_dir))
         result.status = "ok"
     except QSpeechError as e:

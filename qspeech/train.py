@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qspeech import distributed
 from qspeech.atomic import torch_save_atomic, write_text_atomic
 from qspeech.checks import choice, integer, need, number
 from qspeech.errors import ConfigError, TrainingError
@@ -142,11 +143,12 @@ class FitResult:
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device of train.device; under torchrun a rank's CUDA device is its own (qspeech.distributed)."""
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={cfg.device}: no CUDA device is available; use train.device=auto or cpu")
-    return torch.device(cfg.device)
+    return distributed.local_device(torch.device(cfg.device))
 
 
 def autocast_ctx(cfg: TrainConfig, device: torch.device):
@@ -189,7 +191,8 @@ def _write_csv(rows: list[dict], paths: list[Path]) -> None:
 
 class DownstreamJob(Job):
     """A Trainable as the loop's job: epochs of length-bucketed batches (the data position is part of the
-    resumable state), dev evaluation keeping the best weights in best.pt, the history in metrics.csv."""
+    resumable state), dev evaluation keeping the best weights in best.pt, the history in metrics.csv. Under
+    torchrun each rank's step is its shard of the batch, and rank 0 alone evaluates and writes."""
 
     def __init__(self, task: Trainable, cfg: TrainConfig, seed: int, device: torch.device, state_dir: Path,
                  run_dir: Path | None):
@@ -212,7 +215,8 @@ class DownstreamJob(Job):
     def step(self, index: int) -> Step | None:
         if self.pos >= len(self._epoch_batches()):
             self.epoch, self.pos = self.epoch + 1, 0
-        batch = self.task.make_batch(self._epoch_batches()[self.pos], self.device)
+        indices = distributed.shard(self._epoch_batches()[self.pos])  # all of it in a single process
+        batch = self.task.make_batch(indices, self.device) if indices else None
         self.pos += 1
         if batch is None:
             return None
@@ -256,17 +260,21 @@ def fit(task: Trainable, cfg: TrainConfig, *, seed: int, state_dir: Path, run_di
     to state_dir/last.pt every cfg.save_every steps; with cfg.resume a later call continues from it and,
     on CPU, ends with exactly the result of an uninterrupted run. On return task.model holds the best
     weights (by task.select_metric on dev). `on_step(step)` is called after each step (and after that
-    step's checkpoint), e.g. to stop a run early.
+    step's checkpoint), e.g. to stop a run early. Under torchrun the ranks train together (qspeech.distributed),
+    rank 0 alone writing run_dir and the state, in state_dir/ranks<N>; every rank returns rank 0's record and
+    best weights.
     """
-    with torch_threads(cfg.num_threads):
+    with torch_threads(cfg.num_threads), distributed.session(resolve_device(cfg)):
         return _fit(task, cfg, seed=seed, state_dir=Path(state_dir), run_dir=run_dir, progress=progress,
                     on_step=on_step, desc=desc)
 
 
 def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> FitResult:
     device = resolve_device(cfg)
+    if distributed.active():  # a state of its own: other float sums and RNG streams than one process's
+        state_dir = state_dir / f"ranks{distributed.world_size()}"
     state_dir.mkdir(parents=True, exist_ok=True)
-    if run_dir:
+    if run_dir and distributed.is_main():
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     job = DownstreamJob(task, cfg, seed, device, state_dir, run_dir)
     job.model.train()
@@ -274,11 +282,14 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
         total=cfg.max_steps, desc=desc, schedule=lambda lr, step: lr * lr_factor(cfg, step), grad_clip=cfg.grad_clip,
         log_every=cfg.log_every, eval_every=cfg.eval_every, ckpt_every=cfg.save_every or cfg.eval_every,
         state_path=state_dir / "last.pt", resume=cfg.resume, seed=seed, progress=progress,
-        hint="lower the learning rate or check the data", on_step=on_step))
-    if res.steps > res.resumed_from or not (state_dir / "metrics.csv").exists():
-        _write_csv(job.history, job.csv_paths)
-    elif run_dir:
-        _write_csv(job.history, job.csv_paths[1:])
+        hint="lower the learning rate or check the data", on_step=on_step, distributed=distributed.active()))
+    if distributed.active():  # the others did not evaluate; rank 0 has written best.pt by now
+        job.best, job.best_step, job.history = distributed.broadcast((job.best, job.best_step, job.history))
+    if distributed.is_main():
+        if res.steps > res.resumed_from or not (state_dir / "metrics.csv").exists():
+            _write_csv(job.history, job.csv_paths)
+        elif run_dir:
+            _write_csv(job.history, job.csv_paths[1:])
     if job.best_path.exists():
         job.model.load_state_dict(read_checkpoint(job.best_path)["model"])
     job.model.eval()
