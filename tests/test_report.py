@@ -224,13 +224,14 @@ def test_smoke_and_random_init_runs_are_flagged(tmp_path):
 
 
 def test_plot_labels_the_metric_unit_and_panels(tmp_path):
-    from qspeech.report import _ylabel, plot
+    from qspeech.report import plot
+    from qspeech.report.plots import ylabel
 
     out = tmp_path / "outputs"
     _run(out, "fp", 32, 60.0)
     _run(out, "q", 2, 70.0)
     table = make_report(out)["table"]
-    assert _ylabel(table[table.source == "qspeech"]) == "WER (%)"
+    assert ylabel(table[table.source == "qspeech"]) == "WER (%)"
     import matplotlib.pyplot as plt
 
     titles = []
