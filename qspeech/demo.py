@@ -21,7 +21,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from qspeech.config import CONF_DIR
+from qspeech.data.config import resolve_path
 from qspeech.errors import QSpeechError
+from qspeech.report import make_report
+from qspeech.upstream.checkpoints import ASSET_DIR
 
 COMMON = ["experiment=demo"]
 # The rows whose spread over seeds the study reports (`--seeds N`: seeds 1..N-1 are added to seed 0).
@@ -51,11 +57,6 @@ SEARCHED: list[tuple[str, list[str]]] = [
 
 def real_speech_available() -> bool:
     """Whether conf/eval_data/real_speech's test set (../shared/data/real-speech, not shipped) is on disk."""
-    from omegaconf import OmegaConf
-
-    from qspeech.config import CONF_DIR
-    from qspeech.data.config import resolve_path
-
     test = OmegaConf.load(CONF_DIR / "data" / "real_speech.yaml").splits.test
     return all(resolve_path(t).is_file() for t in ([test] if isinstance(test, str) else test))
 
@@ -73,10 +74,6 @@ def jobs(seeds: int, real_speech: bool, search: bool = False, all_rows: bool = F
 def search_commands(outputs: Path) -> list[tuple[str, list[str]]]:
     """(plan name, `qspeech search` arguments) of each SEARCHES plan, on the demo's corpus and quantized modules
     (read from conf/experiment/demo.yaml, so that the sensitivity pass reads the demo's own training audio)."""
-    from omegaconf import OmegaConf
-
-    from qspeech.config import CONF_DIR
-
     demo = OmegaConf.load(CONF_DIR / "experiment" / "demo.yaml")
     data = [f"data.mini.{k}={v}" for k, v in demo.data.mini.items()]
     targets = f"quant.targets=[{','.join(demo.quant.targets)}]"
@@ -123,9 +120,6 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise QSpeechError(f"--seeds {args.seeds}: must be at least 1")
-
-    from qspeech.report import make_report
-    from qspeech.upstream.checkpoints import ASSET_DIR
 
     missing = [a for a in ("tiny_hubert.pt", "tiny_distilhubert.ckpt") if not (ASSET_DIR / a).is_file()]
     if missing:

@@ -13,3 +13,25 @@ ROWS = [
     {"model": "distilhubert", "quant": "paper", "bits": 32, "task": "asr", "metric": "wer", "value": 13.37,
      "storage_mb": 46.98, "est_runtime": 0.73},
 ]
+
+# The distilled students among the upstreams, each with its teacher: a run is compared with the student of its
+# teacher (DistilHuBERT for HuBERT), and runtimes are also shown relative to the full-precision teacher.
+DISTILLED = {"distilhubert": "hubert", "tiny_distilhubert": "tiny_hubert"}
+REFERENCE_STUDENT = "distilhubert"  # the paper's comparison for an upstream without a student of its own
+
+
+def is_student(model: str) -> bool:
+    return model in DISTILLED
+
+
+def teacher_of(model: str) -> str:
+    """The full-precision teacher `model`'s runtime is shown against: its own teacher, else itself."""
+    return DISTILLED.get(model, model)
+
+
+def student_of(model: str) -> str:
+    """The distilled model a run of `model` is compared with: a student itself, the student of `model`, else
+    the paper's DistilHuBERT."""
+    if model in DISTILLED:
+        return model
+    return next((s for s, t in DISTILLED.items() if t == model), REFERENCE_STUDENT)

@@ -1,4 +1,5 @@
-"""One experiment: config -> upstream -> accounting -> quantization -> downstream task -> result.json."""
+"""One experiment: config -> upstream -> accounting -> quantization -> downstream task -> result.json; and
+`qspeech run` around it (the experiment logger, the summary line, the sweep objective it returns to Hydra)."""
 
 from __future__ import annotations
 
@@ -10,36 +11,28 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from qspeech import distributed
-from qspeech.atomic import ensure_folder, folder_lock, folder_problem, storage_error
+from qspeech import distributed, loggers
+from qspeech.atomic import ensure_folder, folder_lock, storage_error
 from qspeech.config import RunConfig
-from qspeech.errors import QSpeechError, StorageError
-from qspeech.results import COST_FILE, FAILURE_FILE, RESULT_FILE, RunResult, git_commit, write_json_atomic
+from qspeech.cost_command import compute_cost, write_cost
+from qspeech.data import record_skips
+from qspeech.errors import ConfigError, QSpeechError
+from qspeech.export import export_packed
+from qspeech.qat import quantize_upstream
+from qspeech.quant import round_to_storage_
+from qspeech.quant.config import key_dict
+from qspeech.results import FAILURE_FILE, RESULT_FILE, RunResult, git_commit, write_json_atomic
 from qspeech.seeding import seed_everything
+from qspeech.tasks import run_task
 from qspeech.train import resolve_device
+from qspeech.upstream import build_upstream, fingerprint
 
 log = logging.getLogger(__name__)
+command_log = logging.getLogger("qspeech")  # the command's own lines
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def compute_cost(cfg: RunConfig, upstream) -> "CostReport":  # noqa: F821
-    """Accounting of `upstream` as `cfg.quant` will quantize it (same module selection as the quantizer)."""
-    from qspeech.cost import account_quantized
-
-    return account_quantized(upstream, cfg.quant, int(cfg.bits), float(cfg.cost.seconds))
-
-
-def write_cost(cfg: RunConfig, cost, run_dir: Path) -> dict:
-    """cost.json of a run folder: the accounting and what it describes."""
-    out = cost.to_dict() | {"model": cfg.model.name, "quant": cfg.quant.method, "targets": list(cfg.quant.targets),
-                            "bits": int(cfg.bits)}
-    write_json_atomic(Path(run_dir) / COST_FILE, out)
-    return out
 
 
 def base_result(cfg: RunConfig) -> RunResult:
@@ -57,20 +50,6 @@ def base_result(cfg: RunConfig) -> RunResult:
         started=_now(),
         config=dataclasses.asdict(cfg),
     )
-
-
-def check_output_folders(cfg: DictConfig) -> None:
-    """StorageError (one line) if Hydra could not create or write the run / sweep folder of a composed
-    config (with its hydra node): Hydra opens its log file there before any qspeech code runs."""
-    for key in ("run.dir", "sweep.dir"):
-        try:
-            folder = str(OmegaConf.select(cfg, f"hydra.{key}", throw_on_missing=True))
-        except Exception:  # noqa: BLE001 - a folder name Hydra resolves itself at run time: its own check
-            continue
-        problem = folder_problem(folder)
-        if problem:
-            raise StorageError(f"output folder {folder}: {problem}; run from a writable folder or set "
-                               f"hydra.{key}=/a/writable/folder")
 
 
 def run(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
@@ -94,9 +73,6 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
 
 
 def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
-    from qspeech.data import record_skips
-    from qspeech.upstream import build_upstream, fingerprint
-
     result = base_result(cfg)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -110,20 +86,13 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
         write_cost(cfg, cost, run_dir)
         result.add_cost(cost)
 
-        from qspeech.qat import quantize_upstream
-
         with record_skips() as skips:  # audio the data layer left out before any stage read it
             t = time.perf_counter()
             with distributed.main_first():  # torchrun: rank 0 distils a QAT upstream, the others load it cached
                 upstream = quantize_upstream(cfg, upstream, run_dir, progress)
             # Evaluate exactly what the packed file stores: fp16 scales and fp16 non-quantized tensors.
-            from qspeech.quant import round_to_storage_
-            from qspeech.quant.config import key_dict
-
             round_to_storage_(upstream)
             timings["quantize_s"] = time.perf_counter() - t
-
-            from qspeech.tasks import run_task
 
             t = time.perf_counter()
             key = fingerprint(upstream, extra=json.dumps(key_dict(cfg.quant), sort_keys=True) + f"|bits={cfg.bits}")
@@ -190,8 +159,49 @@ def _result_path(run_dir: Path, status: str) -> Path:
 
 
 def _export(cfg: RunConfig, upstream, run_dir: Path) -> Path:
-    from qspeech.export import export_packed
-
     # The compact packed file only: the s3prl-format copy is full size (~380 MB for HuBERT Base), too much for
     # every job of a sweep; `qspeech export` with the same overrides writes it.
     return export_packed(upstream, cfg.quant, int(cfg.bits), run_dir / "upstream.packed.safetensors", s3prl=False)
+
+
+def objective(cfg: RunConfig, result: RunResult) -> float | list[float]:
+    """What a sweeper optimises (cfg.optimized_metric): the dev score of the task's metric ("dev"), another
+    dev_<metric>, or an accounting value; NaN when the run has no such number (a failed trial)."""
+    names = cfg.optimized_metric if isinstance(cfg.optimized_metric, list) else [cfg.optimized_metric]
+    values = []
+    for name in names:
+        if name == "dev" or name.startswith("dev_"):
+            value = None if result.metrics is None else (
+                result.metrics.dev_value if name == "dev" else getattr(result.metrics, name, None))
+            if value is None:
+                raise ConfigError(f"optimized_metric={name}: task {result.task} reports no such dev score")
+        else:
+            value = getattr(result, name)
+        values.append(float("nan") if value is None else float(value))
+    return values if isinstance(cfg.optimized_metric, list) else values[0]
+
+
+def final_metrics(result: RunResult) -> dict[str, float]:
+    """A finished run's numbers for the experiment logger."""
+    out = {f"final/{k}": getattr(result, k) for k in ("storage_mb", "est_runtime", "params", "quantized_params")}
+    if result.metrics is not None:
+        m = result.metrics
+        out |= {f"final/test_{m.metric}": m.value, f"final/dev_{m.metric}": m.dev_value,
+                "final/best_step": m.best_step}
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def main(cfg: RunConfig, run_dir: Path) -> float | list[float]:
+    """`qspeech run`: the experiment under the configured experiment logger, one summary line; returns the
+    sweep objective (cfg.optimized_metric) to Hydra."""
+    if not distributed.is_main():  # torchrun's other ranks: rank 0 logs and reports the run
+        return objective(cfg, run(cfg, run_dir))
+    params = loggers.flatten(dataclasses.asdict(cfg))
+    with loggers.session(cfg.logger, run_dir, run_dir.name, params) as logger:
+        result = run(cfg, run_dir)
+        logger.log_metrics(final_metrics(result), step=(result.metrics.steps or 0) if result.metrics else 0)
+    metric = f"{result.metric}={result.value:.2f}" if result.value is not None else ""
+    quant = "full precision" if int(cfg.bits) >= 32 else f"{cfg.quant.method} {cfg.bits}-bit"
+    command_log.info(f"[qspeech] {cfg.model.name} {quant} {cfg.task.name}: {metric} storage "
+                     f"{result.storage_mb:.2f} MB, est. runtime {result.est_runtime:.3f} -> {run_dir}/result.json")
+    return objective(cfg, result)

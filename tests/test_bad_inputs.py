@@ -525,11 +525,13 @@ def test_read_only_cache(at, tmp_path, monkeypatch, read_only):
 
 
 def test_disk_full_while_writing_results(at, monkeypatch):
+    import qspeech.cost_command as cost_command
     import qspeech.runner as runner
 
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
+    monkeypatch.setattr(cost_command, "write_json_atomic", full)  # cost.json, the run's first results file
     monkeypatch.setattr(runner, "write_json_atomic", full)
     refused(at, "run", *SMOKE, "seed=22", needle="No space left on device")
 

@@ -25,9 +25,9 @@ LAYERS = [
     ("cost", ["qspeech.cost"]),
     ("tasks", ["qspeech.tasks"]),
     ("schema", ["qspeech.config"]),
-    ("pipeline", ["qspeech.cache_admin", "qspeech.qat", "qspeech.export", "qspeech.results", "qspeech.runner", "qspeech.bench",
-                  "qspeech.pretrain", "qspeech.report", "qspeech.demo", "qspeech.search"]),
-    ("cli", ["qspeech.cli", "qspeech.completion", "qspeech.__main__"]),
+    ("pipeline", ["qspeech.cache_admin", "qspeech.qat", "qspeech.export", "qspeech.results", "qspeech.cost_command",
+                  "qspeech.runner", "qspeech.bench", "qspeech.pretrain", "qspeech.report", "qspeech.demo", "qspeech.search"]),
+    ("cli", ["qspeech.cli", "qspeech.hydra_setup", "qspeech.sweep_check", "qspeech.completion", "qspeech.__main__"]),
 ]
 
 

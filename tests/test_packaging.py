@@ -57,6 +57,7 @@ def test_wheel_ships_conf_and_assets(wheel):
     for yaml in (p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml")):
         assert f"qspeech/conf/{yaml.as_posix()}" in names
     assert {"qspeech/assets/tiny_hubert.pt", "qspeech/assets/tiny_distilhubert.ckpt"} <= names
+    assert "qspeech/report/__init__.py" in names  # subpackages are found, not listed
 
 
 def test_wheel_in_a_fresh_venv_runs(wheel, tmp_path):

@@ -177,6 +177,36 @@ def test_lr_sweep_gives_rows_labelled_by_lr(tmp_path):
     assert ours.loc["task.lr=0.002", "value"] == 66.0 and ours.loc["task.lr=0.002", "n"] == 2
 
 
+def test_runtime_outside_and_unknown_config_keys_never_set_runs_apart(tmp_path):
+    """Which recorded keys tell experiments apart comes from the schema (qspeech.identity): runtime and outside
+    fields (data.workers, train.num_threads, the logger, cache_dir) and keys the schema no longer has (an older
+    version's) leave the runs of one experiment together; a field of the recorded method's own class counts."""
+    out = tmp_path / "outputs"
+    rtn = {"method": "rtn", "targets": ["linear"], "symmetric": False}
+    _run(out, "a", 2, 60.0, seed=0, quant=rtn)
+    _run(out, "b", 2, 62.0, seed=1, quant=rtn | {"log_every": 5}, logger={"name": "mlflow"}, retired_key=3,
+         data={"name": "mini", "mini": {"n_train": 800}, "workers": 4, "max_skipped": 0.5},
+         train={"max_steps": 1000, "num_threads": 2, "retired_knob": 1})
+    _run(out, "sym", 2, 70.0, quant=rtn | {"symmetric": True})
+    ours = _ours(make_report(out)).set_index("overrides")
+    assert sorted(ours.index) == ["quant.symmetric=false", "quant.symmetric=true"]
+    assert ours.loc["quant.symmetric=false", "n"] == 2 and ours.loc["quant.symmetric=false", "seeds"] == "0,1"
+
+
+def test_result_config_walks_the_recorded_method_and_task_kind():
+    from qspeech.report.experiments import result_config
+
+    recorded = {"quant": {"method": "rtn", "symmetric": True, "log_every": 3, "gone": 1},
+                "task": {"name": "asr_small", "kind": "asr", "lr": 0.1}, "cache_dir": "/x", "logger": {"name": "csv"},
+                "model": {"name": "tiny_hubert", "trust_checkpoint": True}, "gone_top": 1, "seed": 2}
+    assert result_config(recorded) == {"quant": {"method": "rtn", "symmetric": True},
+                                       "task": {"name": "asr_small", "kind": "asr", "lr": 0.1},
+                                       "model": {"name": "tiny_hubert"}, "seed": 2}
+    # a method no longer known: the fields any method declares as result fields
+    assert result_config({"quant": {"method": "old", "symmetric": False, "log_every": 1}}) == {
+        "quant": {"method": "old", "symmetric": False}}
+
+
 def test_quantized_rows_rise_against_the_full_precision_row_of_their_recipe(tmp_path):
     """An n_train sweep at 32 and 2 bits: each 2-bit row is compared with the 32-bit row of its own data size;
     the quantizer's own settings (unused at 32 bits) do not split the full-precision rows."""
@@ -224,13 +254,14 @@ def test_smoke_and_random_init_runs_are_flagged(tmp_path):
 
 
 def test_plot_labels_the_metric_unit_and_panels(tmp_path):
-    from qspeech.report import _ylabel, plot
+    from qspeech.report import plot
+    from qspeech.report.plots import ylabel
 
     out = tmp_path / "outputs"
     _run(out, "fp", 32, 60.0)
     _run(out, "q", 2, 70.0)
     table = make_report(out)["table"]
-    assert _ylabel(table[table.source == "qspeech"]) == "WER (%)"
+    assert ylabel(table[table.source == "qspeech"]) == "WER (%)"
     import matplotlib.pyplot as plt
 
     titles = []
@@ -390,3 +421,12 @@ def test_superb_plot_has_a_row_per_task_with_its_metric_and_chance_line(tmp_path
     chance = sorted({y for y, label in lines if label == "chance (majority class)"})
     assert chance == [2.5, 3.75, 8.33]
     assert sorted({y for y, label in lines if label == "fbank (no upstream)"}) == [20.0, 30.0, 50.0, 60.0]
+
+
+def test_the_distilled_comparison_comes_from_the_paper_mapping():
+    from qspeech import paper
+
+    assert [paper.student_of(m) for m in ("tiny_hubert", "tiny_distilhubert", "hubert", "wavlm")] == [
+        "tiny_distilhubert", "tiny_distilhubert", "distilhubert", "distilhubert"]
+    assert [paper.teacher_of(m) for m in ("tiny_distilhubert", "distilhubert", "wavlm")] == [
+        "tiny_hubert", "hubert", "wavlm"]

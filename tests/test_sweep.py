@@ -22,17 +22,17 @@ def _result(metric="wer", test=50.0, dev=40.0):
 @pytest.mark.parametrize("name,expected", [("dev", 40.0), ("dev_cer", 12.0), ("storage_mb", 2.5),
                                            (["dev", "storage_mb"], [40.0, 2.5])])
 def test_objective_is_the_dev_score_or_accounting(name, expected):
-    from qspeech.cli import _objective
+    from qspeech.runner import objective
 
-    assert _objective(SimpleNamespace(optimized_metric=name), _result()) == expected
+    assert objective(SimpleNamespace(optimized_metric=name), _result()) == expected
 
 
 def test_objective_refuses_a_dev_score_the_task_lacks():
-    from qspeech.cli import _objective
+    from qspeech.runner import objective
     from qspeech.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dev_acc"):
-        _objective(SimpleNamespace(optimized_metric="dev_acc"), _result())
+        objective(SimpleNamespace(optimized_metric="dev_acc"), _result())
 
 
 def test_optuna_sweep_optimises_the_dev_score(tmp_path):

@@ -4,16 +4,15 @@ folder (outputs/search/<model>_<method>_<budget>_<hash>)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from qspeech.checks import FieldError, choice, integer, need, number
-from qspeech.config import CostConfig, register_schema
+from qspeech.config import CostConfig, register_schema, to_typed
 from qspeech.data.config import SPLITS, DataConfig
 from qspeech.quant.config import QuantConfig, check_bits
+from qspeech.identity import identity_dict, outside, stable_hash
 from qspeech.upstream.config import ModelConfig
 
 __all__ = ["MEASURES", "SearchConfig", "SearchRunConfig", "budget_tag"]
@@ -37,7 +36,7 @@ class SearchConfig:
     # DP resolution: exact while the budget spans at most this many cost units (see qspeech/search/solve.py).
     max_units: int = 200_000
     # Name of the plan (its run folder and quant_plan/<name>.yaml); null: <model>_<method>_<budget>_<hash>.
-    name: str | None = None
+    name: str | None = outside(None)
 
     def __post_init__(self):
         need(isinstance(self.bits, list) and len(self.bits) > 0
@@ -66,8 +65,8 @@ class SearchRunConfig:
     budget_runtime: float | None = None
     budget_bits: int | None = None
     seed: int = 0
-    command: str = "search"
-    cache_dir: str = MISSING
+    command: str = outside("search")
+    cache_dir: str = outside(MISSING)
     cost: CostConfig = field(default_factory=CostConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
@@ -99,15 +98,12 @@ def budget_tag(cfg) -> str:
 
 
 def _search_name(*, _root_: DictConfig) -> str:
-    """<model>[-init]_<method>_<budget>_<hash of the config>: the same search lands in the same folder."""
+    """<model>[-init]_<method>_<budget>_<run identity hash>: the same search lands in the same folder."""
     if _root_.search.get("name"):
         return str(_root_.search.name)
-    # hydra (whose run.dir calls this resolver), the command and the cache's place never change the plan
-    kept = [k for k in _root_.keys() if k not in ("hydra", "command", "cache_dir")]
-    plain = OmegaConf.to_container(OmegaConf.masked_copy(_root_, kept), resolve=True)
-    digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    init = "" if _root_.model.init == "pretrained" else f"-{_root_.model.init}"
-    return f"{_root_.model.name}{init}_{_root_.quant.method}_{budget_tag(_root_)}_{digest}"
+    cfg = to_typed(_root_)
+    init = "" if cfg.model.init == "pretrained" else f"-{cfg.model.init}"
+    return f"{cfg.model.name}{init}_{cfg.quant.method}_{budget_tag(cfg)}_{stable_hash(identity_dict(cfg), 8)}"
 
 
 register_schema("_search_schema", SearchRunConfig)

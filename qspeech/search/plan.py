@@ -23,14 +23,19 @@ from fractions import Fraction
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from tabulate import tabulate
 
-from qspeech.atomic import write_json_atomic, write_text_atomic
+from qspeech.atomic import ensure_folder, write_json_atomic, write_text_atomic
 from qspeech.cost import REFERENCE_BITS, account, account_quantized
+from qspeech.data import load_split
 from qspeech.errors import ConfigError
 from qspeech.quant import overhead_values
 from qspeech.quant.targets import candidate_modules, select_targets
 from qspeech.search.config import SearchRunConfig, budget_tag
+from qspeech.search.sensitivity import cached_sensitivity
 from qspeech.search.solve import Infeasible, solve
+from qspeech.seeding import seed_everything
+from qspeech.upstream import build_upstream
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
@@ -226,28 +231,52 @@ def group_summary(names: list[str], allocation: dict[str, int], costs: Costs, da
     return rows
 
 
-def main(cfg: SearchRunConfig, run_dir: Path, progress: bool = True) -> dict:
-    """Search, write <run_dir>/plan.json and <run_dir>/../quant_plan/<name>.yaml, print the summary and the
-    command; returns the plan."""
-    from qspeech.atomic import ensure_folder
-    from qspeech.data import load_split
-    from qspeech.search.sensitivity import cached_sensitivity
-    from qspeech.seeding import seed_everything
-    from qspeech.upstream import build_upstream
+def _uniform(costs: Costs, damage: dict, names: list[str], kind: str, cap: int) -> list[dict]:
+    """Every candidate width applied to all searched modules: its storage, runtime, damage, and whether it fits."""
+    uniform = []
+    for j, b in enumerate(costs.bits):
+        st = costs.fixed_storage + sum(costs.storage[i][j] for i in range(len(names)))
+        rt = costs.fixed_runtime + sum(costs.runtime[i][j] for i in range(len(names)))
+        uniform.append({"bits": b, "storage_mb": costs.storage_mb(st), "est_runtime": costs.runtime_of(rt),
+                        "damage": sum(damage[n][b] for n in names),
+                        "fits": (st - costs.fixed_storage if kind == "storage" else rt - costs.fixed_runtime) <= cap})
+    return uniform
 
+
+def _check_plan(upstream, final, base: int, expected: dict[str, int], planned_storage: int, seconds: float):
+    """The plan as `qspeech run` will see it: its module selection and its accounting must be the planned
+    ones; returns that accounting."""
+    if select_targets(upstream.model, base, final.targets, final.exclude, final.overrides) != expected:
+        raise RuntimeError("the plan's quant config does not select the planned bits (a bug in qspeech.search)")
+    report = account_quantized(upstream, final, base, seconds)
+    if sum(r.storage_bits for r in report.rows) != planned_storage:
+        raise RuntimeError("the plan's accounting differs from the search's (a bug in qspeech.search)")
+    return report
+
+
+def _setup(cfg: SearchRunConfig, run_dir: Path):
+    """(run folder, the upstream, searched modules, pinned modules, the prices of every choice): the
+    search's folders checked, the upstream built (seeded: random-init upstreams are reproducible too)."""
     run_dir = ensure_folder(run_dir, "the search folder", "set hydra.run.dir=/a/writable/folder")
     ensure_folder(cfg.cache_dir, "cache_dir (QSPEECH_CACHE)", "set QSPEECH_CACHE to a writable folder")
-    seed_everything(int(cfg.seed))  # random-init upstreams are reproducible too
+    seed_everything(int(cfg.seed))
     upstream = build_upstream(cfg.model)
     upstream.eval()
-    quant = cfg.quant
-    names, pinned = searched_modules(upstream.model, quant)
+    names, pinned = searched_modules(upstream.model, cfg.quant)
     if not names:
-        raise ConfigError(f"quant.targets={list(quant.targets)} leaves no module of {cfg.model.name} to search "
+        raise ConfigError(f"quant.targets={list(cfg.quant.targets)} leaves no module of {cfg.model.name} to search "
                           "(all excluded or pinned by quant.overrides); widen quant.targets")
     bits = sorted(int(b) for b in cfg.search.bits)
     extra = (int(cfg.budget_bits),) if cfg.budget_bits is not None else ()
-    costs = price(upstream, quant, names, pinned, bits, float(cfg.cost.seconds), extra)
+    costs = price(upstream, cfg.quant, names, pinned, bits, float(cfg.cost.seconds), extra)
+    return run_dir, upstream, names, pinned, costs
+
+
+def main(cfg: SearchRunConfig, run_dir: Path, progress: bool = True) -> dict:
+    """Search, write <run_dir>/plan.json and <run_dir>/../quant_plan/<name>.yaml, print the summary and the
+    command; returns the plan."""
+    run_dir, upstream, names, pinned, costs = _setup(cfg, run_dir)
+    quant, bits = cfg.quant, costs.bits
     kind, cap, budget = capacity(cfg, costs)
     table = costs.storage if kind == "storage" else costs.runtime
     try:  # an impossible budget is found before the (long) sensitivity pass
@@ -263,27 +292,14 @@ def main(cfg: SearchRunConfig, run_dir: Path, progress: bool = True) -> dict:
 
     planned_storage = costs.fixed_storage + sum(costs.storage[i][j] for i, j in enumerate(sol.choices))
     planned_runtime = costs.fixed_runtime + sum(costs.runtime[i][j] for i, j in enumerate(sol.choices))
-    uniform = []
-    for j, b in enumerate(bits):
-        st = costs.fixed_storage + sum(costs.storage[i][j] for i in range(len(names)))
-        rt = costs.fixed_runtime + sum(costs.runtime[i][j] for i in range(len(names)))
-        uniform.append({"bits": b, "storage_mb": costs.storage_mb(st), "est_runtime": costs.runtime_of(rt),
-                        "damage": sum(damage[n][b] for n in names),
-                        "fits": (st - costs.fixed_storage if kind == "storage" else rt - costs.fixed_runtime) <= cap})
+    uniform = _uniform(costs, damage, names, kind, cap)
     base = equivalent_bits(uniform, costs.storage_mb(planned_storage) if kind == "storage"
                            else costs.runtime_of(planned_runtime), kind)
-
-    # The plan as `qspeech run` will see it: its module selection and its accounting must be the planned ones.
     final = plan_quant(quant, allocation)
     expected = {n: b for n, b in (pinned | allocation).items() if b < 32}
-    if select_targets(upstream.model, base, final.targets, final.exclude, final.overrides) != expected:
-        raise RuntimeError("the plan's quant config does not select the planned bits (a bug in qspeech.search)")
-    report = account_quantized(upstream, final, base, float(cfg.cost.seconds))
-    if sum(r.storage_bits for r in report.rows) != planned_storage:
-        raise RuntimeError("the plan's accounting differs from the search's (a bug in qspeech.search)")
+    report = _check_plan(upstream, final, base, expected, planned_storage, float(cfg.cost.seconds))
 
-    name = run_dir.name
-    plan_root = run_dir.parent
+    name, plan_root = run_dir.name, run_dir.parent
     plan_file = plan_root / PLAN_GROUP / f"{name}.yaml"
     command, inline = commands(name, plan_root, final, base)
     chosen_cost = {n: costs.storage[i][j] for i, (n, j) in enumerate(zip(names, sol.choices))}
@@ -294,28 +310,30 @@ def main(cfg: SearchRunConfig, run_dir: Path, progress: bool = True) -> dict:
         "storage_mb": report.storage_mb, "est_runtime": report.est_runtime,
         "planned_storage_bits": planned_storage, "planned_runtime": costs.runtime_of(planned_runtime),
         "predicted_damage": sol.damage, "exact": sol.exact, "dp_unit": sol.unit,
-        "bits": base, "overrides": dict(final.overrides), "groups": group_summary(names, allocation, costs, damage,
-                                                                                 chosen_cost),
-        "uniform": uniform,
+        "bits": base, "overrides": dict(final.overrides),
+        "groups": group_summary(names, allocation, costs, damage, chosen_cost), "uniform": uniform,
         "modules": [{"name": n, "group": costs.groups[n], "params": costs.params[n], "bits": allocation[n],
                      "storage_bits": chosen_cost[n], "damage": {str(b): damage[n][b] for b in bits}}
                     for n in names],
         "sensitivity": sens_info | {"measure": cfg.search.measure, "split": cfg.search.split},
         "plan_file": str(plan_file), "command": command, "command_inline": inline,
     }
-    header = [f"Mixed-precision plan from `qspeech search` ({run_dir / PLAN_FILE} has the details):",
-              f"{cfg.model.name}, {quant.method}, budget {budget_tag(cfg)}: storage {report.storage_mb:.4f} MB, "
-              f"est. runtime {report.est_runtime:.4f}, predicted damage {sol.damage:.4g}",
-              f"Run it: {command}"]
-    write_text_atomic(plan_file, plan_yaml(name, final, base, header))
-    write_json_atomic(run_dir / PLAN_FILE, plan)
-    print(format_plan(plan))
+    _write_plan(cfg, run_dir, plan, final)
     return plan
 
 
-def format_plan(plan: dict) -> str:
-    from tabulate import tabulate
+def _write_plan(cfg: SearchRunConfig, run_dir: Path, plan: dict, final) -> None:
+    """<run_dir>/plan.json and the plan's quant_plan/<name>.yaml (headed by its summary), then the summary."""
+    header = [f"Mixed-precision plan from `qspeech search` ({run_dir / PLAN_FILE} has the details):",
+              f"{cfg.model.name}, {plan['method']}, budget {budget_tag(cfg)}: storage {plan['storage_mb']:.4f} MB, "
+              f"est. runtime {plan['est_runtime']:.4f}, predicted damage {plan['predicted_damage']:.4g}",
+              f"Run it: {plan['command']}"]
+    write_text_atomic(Path(plan["plan_file"]), plan_yaml(plan["name"], final, plan["bits"], header))
+    write_json_atomic(run_dir / PLAN_FILE, plan)
+    print(format_plan(plan))
 
+
+def format_plan(plan: dict) -> str:
     mods = tabulate([(m["name"], m["group"], f"{m['params']:,}", m["bits"], f"{m['damage'][str(m['bits'])]:.3g}"
                       if str(m["bits"]) in m["damage"] else "0") for m in plan["modules"]],
                     headers=("module", "part", "weights", "bits", "damage"), tablefmt="github", disable_numparse=True)

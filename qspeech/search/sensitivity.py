@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from qspeech.atomic import write_json_atomic
 from qspeech.data import read_audio
@@ -77,8 +78,6 @@ def measure(upstream, quant: QuantConfig, modules: Iterable[str], bits: Iterable
             lens: torch.Tensor, how: str = "all", known: dict | None = None, progress: bool = True) -> dict:
     """{module: {bits: damage}} for every module and bit width (32 -> 0); pairs in `known` are kept, not
     measured again. The upstream is not changed (a copy is quantized, one module at a time)."""
-    from tqdm.auto import tqdm
-
     out = {m: dict(v) for m, v in (known or {}).items()}
     todo = [(m, int(b)) for m in modules for b in bits if int(b) < 32 and str(int(b)) not in out.get(m, {})]
     for m in modules:
