@@ -346,7 +346,7 @@ def main(cfg, run_dir=None) -> dict:
     to its storage (round_to_storage_), write run_dir/upstream.packed.safetensors, reload it, check the hidden
     states are identical on 1 s of noise, print the path and packed vs accounted sizes; writes export.json."""
     from qspeech.config import output_dir
-    from qspeech.qat import quantize_upstream
+    from qspeech.quantize_upstream import quantize_upstream
     from qspeech.quant import round_to_storage_
     from qspeech.seeding import seed_everything
     from qspeech.upstream import build_upstream

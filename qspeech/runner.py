@@ -99,14 +99,14 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
         write_cost(cfg, cost, run_dir)
         result.add_cost(cost)
 
-        from qspeech.qat import quantize_upstream
+        from qspeech.quantize_upstream import quantize_upstream
 
         with record_skips() as skips:  # audio the data layer left out before any stage read it
             t = time.perf_counter()
             upstream = quantize_upstream(cfg, upstream, run_dir, progress)
             # Evaluate exactly what the packed file stores: fp16 scales and fp16 non-quantized tensors.
             from qspeech.quant import round_to_storage_
-            from qspeech.quant.config import key_dict
+            from qspeech.identity import identity_dict
 
             round_to_storage_(upstream)
             timings["quantize_s"] = time.perf_counter() - t
@@ -114,7 +114,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
             from qspeech.tasks import run_task
 
             t = time.perf_counter()
-            key = fingerprint(upstream, extra=json.dumps(key_dict(cfg.quant), sort_keys=True) + f"|bits={cfg.bits}")
+            key = fingerprint(upstream, extra=json.dumps(identity_dict(cfg.quant), sort_keys=True) + f"|bits={cfg.bits}")
             metrics = run_task(cfg, upstream, run_dir, key, progress=progress)
             timings["task_s"] = time.perf_counter() - t
         _count_skips(metrics, skips)
