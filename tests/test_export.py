@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_upstream
 from qspeech.export import FORMAT, export_packed, load_packed, read_packed
-from qspeech.quant import quant_config, get_method, overhead_values, quantize_, quantized_modules
+from qspeech.quant import act_bits_of, get_method, overhead_values, quant_config, quantize_, quantized_modules
 from qspeech.quant import clone_model as clone_upstream
 from qspeech.quant.packing import is_storage_exact, pack_codes, packed_nbytes, round_to_storage_, unpack_codes
 
@@ -74,7 +74,7 @@ def test_export_load_identical(tiny, wav, tmp_path, method, bits, extra):
     up = clone_upstream(tiny)
     qc = quant_config(method, **extra)
     quantize_(up, qc, bits)
-    if qc.act_bits:
+    if act_bits_of(qc):
         _hidden(up, wav)  # initialises the activation quantizers
     round_to_storage_(up)
     assert is_storage_exact(up)

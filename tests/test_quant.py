@@ -21,6 +21,7 @@ from qspeech.quant import (
     DistillConfig,
     QuantConfig,
     QuantMethod,
+    act_bits_of,
     RTNConfig,
     dequantize_parts,
     get_method,
@@ -450,7 +451,7 @@ def test_parts_reproduce_weights_bit_exactly(tiny, cfg, bits):
             assert c.abs().max() <= 2 ** (parts["bits"] - 1) - 1
         elif parts["format"] in ("affine", "binary", "codebook"):
             assert c.min() >= 0 and c.max() <= 2 ** parts["bits"] - 1
-    if cfg.act_bits:
+    if act_bits_of(cfg):
         assert "act" in quantized_weight_parts(next(iter(qm.values())))
 
 

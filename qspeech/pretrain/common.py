@@ -177,7 +177,7 @@ class LossLog:
 
     def plot(self, png: Path, keys: list[str], title: str) -> Path | None:
         """Loss curve png (per stage); None when matplotlib is missing."""
-        try:
+        try:  # slow to import: only when a plot is drawn
             import matplotlib
 
             matplotlib.use("Agg")
