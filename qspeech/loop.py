@@ -1,5 +1,5 @@
 """The one training loop: downstream heads (qspeech.train), HuBERT pretraining and DistilHuBERT distillation
-(qspeech.pretrain), quantization-aware distillation (qspeech.qat).
+(qspeech.pretrain), quantization-aware distillation (qspeech.quantize_upstream).
 
 A `Job` says what one step computes; the loop owns everything around it: the learning-rate schedule, the
 optimizer update with gradient clipping, the NaN/inf guard, the progress bar and progress lines (logging),

@@ -18,9 +18,9 @@ from qspeech.cost_command import compute_cost, write_cost
 from qspeech.data import record_skips
 from qspeech.errors import ConfigError, QSpeechError
 from qspeech.export import export_packed
-from qspeech.qat import quantize_upstream
+from qspeech.identity import identity_dict
+from qspeech.quantize_upstream import quantize_upstream
 from qspeech.quant import round_to_storage_
-from qspeech.quant.config import key_dict
 from qspeech.results import FAILURE_FILE, RESULT_FILE, RunResult, git_commit, write_json_atomic
 from qspeech.seeding import seed_everything
 from qspeech.tasks import run_task
@@ -95,7 +95,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
             timings["quantize_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            key = fingerprint(upstream, extra=json.dumps(key_dict(cfg.quant), sort_keys=True) + f"|bits={cfg.bits}")
+            key = fingerprint(upstream, extra=json.dumps(identity_dict(cfg.quant), sort_keys=True) + f"|bits={cfg.bits}")
             metrics = run_task(cfg, upstream, run_dir, key, progress=progress)
             timings["task_s"] = time.perf_counter() - t
         _count_skips(metrics, skips)

@@ -7,8 +7,6 @@ The loop only sees a `Trainable` (see below): it knows nothing about speech or C
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +17,10 @@ import torch
 from torch import nn
 
 from qspeech import distributed
-from qspeech.atomic import torch_save_atomic, write_text_atomic
+from qspeech.atomic import torch_save_atomic
 from qspeech.checks import choice, integer, need, number
 from qspeech.errors import ConfigError, TrainingError
+from qspeech.loggers.csv_file import write_csv
 from qspeech.loop import STATE_VERSION, Job, LoopConfig, Step, linear_warmup_decay, read_checkpoint, run
 from qspeech.identity import OUTSIDE, RUNTIME, SCHEDULE, identity_dict, runtime, schedule
 
@@ -180,13 +179,7 @@ def epoch_batches(lengths: Sequence[float], cfg: TrainConfig, seed: int, epoch: 
     return [batches[i] for i in order]
 
 
-def _write_csv(rows: list[dict], paths: list[Path]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["step", "split", "metric", "value"], lineterminator="\r\n")
-    w.writeheader()
-    w.writerows(rows)
-    for p in paths:
-        write_text_atomic(p, buf.getvalue())
+METRICS_FIELDS = ["step", "split", "metric", "value"]  # metrics.csv: one row per logged value
 
 
 class DownstreamJob(Job):
@@ -239,7 +232,7 @@ class DownstreamJob(Job):
             self.best, self.best_step = dict(dev), step
             torch_save_atomic({"version": STATE_VERSION, "model": self.model.state_dict(), "step": step, "dev": dev},
                               self.best_path)
-        _write_csv(self.history, self.csv_paths)
+        self.write_metrics(self.csv_paths)
         return {**dev, "best": self.best[self.metric]}  # numbers: the loop logs them as dev_<key>
 
     def state(self) -> dict:
@@ -249,6 +242,11 @@ class DownstreamJob(Job):
     def load(self, state: dict) -> None:
         self.epoch, self.pos, self.best = state["epoch"], state["pos"], state["best"]
         self.best_step, self.history = state["best_step"], state["history"]
+
+    def write_metrics(self, paths: list[Path]) -> None:
+        """The history so far as metrics.csv at each of `paths` (rewritten whole)."""
+        for p in paths:
+            write_csv(p, METRICS_FIELDS, self.history)
 
 
 def fit(task: Trainable, cfg: TrainConfig, *, seed: int, state_dir: Path, run_dir: Path | None = None,
@@ -287,9 +285,9 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
         job.best, job.best_step, job.history = distributed.broadcast((job.best, job.best_step, job.history))
     if distributed.is_main():
         if res.steps > res.resumed_from or not (state_dir / "metrics.csv").exists():
-            _write_csv(job.history, job.csv_paths)
+            job.write_metrics(job.csv_paths)
         elif run_dir:
-            _write_csv(job.history, job.csv_paths[1:])
+            job.write_metrics(job.csv_paths[1:])
     if job.best_path.exists():
         job.model.load_state_dict(read_checkpoint(job.best_path)["model"])
     job.model.eval()

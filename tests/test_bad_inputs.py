@@ -174,6 +174,9 @@ def _result_of(out: str) -> dict:
     (["cost.seconds=-1"], "cost.seconds"),
     (["nosuchkey=1"], "nosuchkey"),
     (["train.nope=1"], "train.nope: unknown key"),
+    (["quant=rtn", "quant.steps=9"], "quant.steps: unknown key"),  # a method's config has its own fields only
+    (["quant=kmeans", "quant.act_bits=4"], "quant.act_bits: unknown key"),
+    (["quant=lsq", "quant.clip=mse"], "quant.clip: unknown key"),
     (["-m", "seed=1,abc"], "seed=abc"),  # a sweep is refused before its first job
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_config_value(at, args, needle):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_upstream
 from qspeech.bench import RESULT_KEYS, VARIANT_KEYS, bench_upstream, format_table, nbits_blocks
-from qspeech.quant import QuantConfig
+from qspeech.quant import quant_config
 from qspeech.quant.api import make_weight_quantizer
 
 
@@ -71,7 +71,7 @@ def test_whole_graph_int8_runs_the_models_own_codes(tmp_path, bits):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(32, 64, generator=g) * 0.2)
         lin.bias.copy_(torch.randn(32, generator=g))
-    quantize_(model, QuantConfig(symmetric=True, targets=["proj"]), bits)
+    quantize_(model, quant_config(symmetric=True, targets=["proj"]), bits)
     baked = remove_quantization_(clone_model(model), keep="quantized")
     x = torch.randn(8, 64, generator=g)
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_matmulnbits_packing_is_exact(tmp_path, bits, extra):
 
     n, k = 48, 256
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(bits))
-    q = make_weight_quantizer(QuantConfig(**{"symmetric": True, **extra}), w, bits)
+    q = make_weight_quantizer(quant_config(**{"symmetric": True, **extra}), w, bits)
     wq = q(w)
     kb, u, s, zp, how = nbits_blocks(q.parts(w), wq, bits)
     assert "own codes" in how

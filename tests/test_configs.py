@@ -15,7 +15,7 @@ from qspeech.data.config import DataConfig, data_config
 from qspeech.errors import ConfigError
 from qspeech.loggers import LoggerConfig
 from qspeech.quant.config import QuantConfig
-from qspeech.quant.registry import quant_schemas
+from qspeech.quant.registry import get_method, quant_schemas
 from qspeech.tasks import task_schemas
 from qspeech.tasks import TaskConfig
 from qspeech.train import TrainConfig
@@ -32,8 +32,6 @@ def _compose(overrides, name="config"):
 
 def _quant_bits(method: str) -> int:
     """2 bits, or the lowest the method has (bit_exact: 1 bit only, as BiT's code)."""
-    from qspeech.quant import get_method
-
     return 2 if 2 in get_method(method).weight_bits else min(get_method(method).weight_bits)
 
 
@@ -50,6 +48,16 @@ def test_every_experiment_composes(experiment):
     if experiment == "__none__":
         pytest.skip("no experiment recipes")
     assert isinstance(to_typed(_compose([f"experiment={experiment}"])), RunConfig)
+
+
+@pytest.mark.parametrize("experiment", ["demo", "superb_small"])
+def test_an_experiment_sets_qat_fields_for_the_qat_methods_only(experiment):
+    # `quant=rtn,bit` sweeps of one experiment: its distillation steps (conf/experiment_quant/) reach the
+    # methods that have them, and a PTQ method's config (which has no steps) still composes
+    for method in quant_schemas():
+        cfg = to_typed(_compose([f"experiment={experiment}", f"quant={method}", f"bits={_quant_bits(method)}"]))
+        assert cfg.quant.targets == ["linear", "cnn"]
+        assert getattr(cfg.quant, "steps", None) == (150 if get_method(method).needs_distillation else None)
 
 
 def test_hparams_search_composes_with_its_sweeper():

@@ -7,11 +7,11 @@ import torch
 
 from conftest import random_upstream
 from qspeech.export import FORMAT, export_packed, load_packed, read_packed
-from qspeech.quant import QuantConfig, get_method, overhead_values, quantize_, quantized_modules
+from qspeech.quant import act_bits_of, get_method, overhead_values, quant_config, quantize_, quantized_modules
 from qspeech.quant import clone_model as clone_upstream
 from qspeech.quant.packing import is_storage_exact, pack_codes, packed_nbytes, round_to_storage_, unpack_codes
 
-SYM = QuantConfig(method="rtn", symmetric=True)  # rtn per channel, symmetric (the accounting's reference)
+SYM = quant_config("rtn", symmetric=True)  # rtn per channel, symmetric (the accounting's reference)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,9 @@ CASES = [
 @pytest.mark.parametrize("method,bits,extra", CASES, ids=[f"{m}{b}{'-' + '-'.join(e) if e else ''}" for m, b, e in CASES])
 def test_export_load_identical(tiny, wav, tmp_path, method, bits, extra):
     up = clone_upstream(tiny)
-    qc = QuantConfig(method=method, **extra)
+    qc = quant_config(method, **extra)
     quantize_(up, qc, bits)
-    if qc.act_bits:
+    if act_bits_of(qc):
         _hidden(up, wav)  # initialises the activation quantizers
     round_to_storage_(up)
     assert is_storage_exact(up)
@@ -203,7 +203,7 @@ def test_s3prl_checkpoint_reloads_to_the_quantized_model(wav, tmp_path, name, in
 
     torch.manual_seed(0)
     up = build_upstream(model_cfg(name, init=init))
-    qc = QuantConfig(method=method, **extra)
+    qc = quant_config(method, **extra)
     quantize_(up, qc, bits)
     round_to_storage_(up)
     up.requires_grad_(False)  # as the task runs it (attention's kernel depends on it)
@@ -238,7 +238,7 @@ def test_exported_files_are_readable_like_other_outputs(tiny, tmp_path):
 
 def test_activation_quantization_has_no_s3prl_checkpoint(tiny, wav, tmp_path, caplog):
     up = clone_upstream(tiny)
-    qc = QuantConfig(method="bit", act_bits=2)
+    qc = quant_config("bit", act_bits=2)
     quantize_(up, qc, 2)
     _hidden(up, wav)
     round_to_storage_(up)

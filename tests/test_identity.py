@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from qspeech.config import CONF_DIR, to_typed
-from qspeech.identity import OUTSIDE, RESULT, RUNTIME, field_kind, identity_dict, outside, run_id, runtime, stable_hash
+from qspeech.identity import OUTSIDE, RESULT, field_kind, identity_dict, outside, run_id, runtime, stable_hash
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from qspeech.config import CONF_DIR, to_typed
 from qspeech.cost import account_quantized
 from qspeech.errors import CheckpointError, ConfigError
 from qspeech.export import export_packed, load_packed, s3prl_path
-from qspeech.quant import QuantConfig, quantize_, quantized_modules, round_to_storage_
+from qspeech.quant import quant_config, quantize_, quantized_modules, round_to_storage_
 from qspeech.upstream import ModelConfig, build_upstream, save_checkpoint
 from qspeech.upstream.registry import arch_names, checkpoint_formats, unregister
 
@@ -64,8 +64,8 @@ def test_a_new_architecture_needs_one_module_and_one_yaml(toy_cfg, tmp_path):
         build_upstream(hubert)
 
     # cost accounting and quantization see its linears and convolutions
-    qc = QuantConfig(method="rtn", targets=["linear", "cnn"])
-    full = account_quantized(up, QuantConfig(method="rtn"), 32, 1.0)
+    qc = quant_config("rtn", targets=["linear", "cnn"])
+    full = account_quantized(up, quant_config("rtn"), 32, 1.0)
     cost = account_quantized(up, qc, 4, 1.0)
     assert cost.params == full.params == sum(p.numel() for p in up.parameters())
     assert cost.macs > 0 and cost.storage_mb < full.storage_mb

@@ -14,16 +14,19 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.utils import parametrize
 
-from qspeech import qat as D
 from qspeech.errors import ConfigError
-from qspeech.qat import hidden_state_error, prepare_quantized_upstream
+import qspeech.quantize_upstream as D
+from qspeech.quantize_upstream import prepare_quantized_upstream
 from qspeech.quant import (
+    DistillConfig,
     QuantConfig,
     QuantMethod,
+    act_bits_of,
     RTNConfig,
     dequantize_parts,
     get_method,
     overhead_values,
+    quant_config,
     quant_schemas,
     quantize_,
     quantized_modules,
@@ -37,6 +40,32 @@ from qspeech.quant import clone_model as clone_upstream
 from qspeech.quant import functional as Fq
 from qspeech.quant.registry import unregister
 from qspeech.quant.targets import select_targets
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, granularity: str = "channel", group_size: int = 128,
+                 symmetric: bool = True, clip: str = "minmax") -> torch.Tensor:
+    """Fake-quantized copy of `w` (rtn, including the 1-bit case) from the functional pieces."""
+    wg = Fq.as_groups(w, granularity, group_size)
+    if bits == 1:
+        return Fq.from_groups(Fq.binary_fake(wg, Fq.binary_scale(wg), center=False), w.shape)
+    s, z = Fq.rtn_params(wg, bits, symmetric, clip)
+    return Fq.from_groups(Fq.rtn_fake(wg, s, z, bits), w.shape)
+
+
+def kmeans_quantize(w: torch.Tensor, bits: int, granularity: str = "channel", iters: int = 30, seed: int = 0):
+    wg = Fq.as_groups(w, granularity)
+    cb, _ = Fq.kmeans_1d(wg[:, 0], 2**bits, iters, seed)
+    return Fq.from_groups(Fq.codebook_fake(wg, cb.to(w.dtype)), w.shape)
+
+
+@torch.no_grad()
+def hidden_state_error(student, teacher, wavs, lens) -> float:
+    """Mean over hidden states of ||s - t||^2 / ||t||^2 on valid frames."""
+    s, t = student(wavs, lens), teacher(wavs, lens)
+    mask = (torch.arange(s.hidden_states[0].shape[1])[None, :] < s.lengths[:, None]).unsqueeze(-1).float()
+    errs = [((a - b).pow(2) * mask).sum() / (b.pow(2) * mask).sum().clamp_min(1e-12)
+            for a, b in zip(s.hidden_states, t.hidden_states)]
+    return float(torch.stack(errs).mean())
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +101,7 @@ def _w(out=6, inp=16, seed=0):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_rtn_levels_per_scale_group(bits, granularity, symmetric):
     w = _w(4, 256)
-    q = Fq.rtn_quantize(w, bits, granularity, 64, symmetric)
+    q = rtn_quantize(w, bits, granularity, 64, symmetric)
     for grp in Fq.as_groups(q, granularity, 64).reshape(-1, Fq.as_groups(q, granularity, 64).shape[-1]):
         assert grp.unique().numel() <= 2**bits
     assert q.shape == w.shape
@@ -82,26 +111,26 @@ def test_rtn_levels_per_scale_group(bits, granularity, symmetric):
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_rtn_idempotent(bits, symmetric):
     w = _w()
-    q1 = Fq.rtn_quantize(w, bits, "channel", symmetric=symmetric)
-    q2 = Fq.rtn_quantize(q1, bits, "channel", symmetric=symmetric)
+    q1 = rtn_quantize(w, bits, "channel", symmetric=symmetric)
+    q2 = rtn_quantize(q1, bits, "channel", symmetric=symmetric)
     torch.testing.assert_close(q2, q1, rtol=1e-6, atol=1e-7)
 
 
 def test_kmeans_idempotent():
     w = _w(3, 64)
-    q1 = Fq.kmeans_quantize(w, 2, "channel")
-    q2 = Fq.kmeans_quantize(q1, 2, "channel")
+    q1 = kmeans_quantize(w, 2, "channel")
+    q2 = kmeans_quantize(q1, 2, "channel")
     torch.testing.assert_close(q2, q1)
 
 
 def test_rtn_symmetric_hand_values():
     # 2 bits symmetric narrow range: s = max|w| / 1, levels {-s, 0, s}
     w = torch.tensor([[0.9, -0.2, 0.6, -1.0]])
-    q = Fq.rtn_quantize(w, 2, "channel", symmetric=True)
+    q = rtn_quantize(w, 2, "channel", symmetric=True)
     assert torch.equal(q, torch.tensor([[1.0, 0.0, 1.0, -1.0]]))
     # 2 bits asymmetric: s = (1 - (-2)) / 3 = 1, z = 2, levels {-2, -1, 0, 1}
     w = torch.tensor([[1.0, -2.0, 0.4, -0.6]])
-    q = Fq.rtn_quantize(w, 2, "channel", symmetric=False)
+    q = rtn_quantize(w, 2, "channel", symmetric=False)
     assert torch.equal(q, torch.tensor([[1.0, -2.0, 0.0, -1.0]]))
 
 
@@ -112,18 +141,18 @@ def test_per_channel_scales_are_per_channel():
     torch.testing.assert_close(s[:, 0], w.abs().amax(1) / 7)
     w2 = w.clone()
     w2[2] *= 4  # a power of two keeps the arithmetic exact
-    q, q2 = Fq.rtn_quantize(w, 4, "channel"), Fq.rtn_quantize(w2, 4, "channel")
+    q, q2 = rtn_quantize(w, 4, "channel"), rtn_quantize(w2, 4, "channel")
     assert torch.equal(q2[2], q[2] * 4)
     assert torch.equal(torch.cat([q2[:2], q2[3:]]), torch.cat([q[:2], q[3:]]))
     # per tensor, the big row changes every row's scale
-    assert not torch.equal(Fq.rtn_quantize(w2, 4, "tensor")[0], Fq.rtn_quantize(w, 4, "tensor")[0])
+    assert not torch.equal(rtn_quantize(w2, 4, "tensor")[0], rtn_quantize(w, 4, "tensor")[0])
 
 
 def test_one_bit_formulas():
     w = torch.tensor([[0.5, -1.5, 2.0, 0.0], [-0.2, -0.4, 0.2, 1.0]])
     m = w.abs().mean(1, keepdim=True)  # [1.0, 0.45]
     expect = torch.where(w >= 0, 1.0, -1.0) * m
-    assert torch.equal(Fq.rtn_quantize(w, 1, "channel"), expect)
+    assert torch.equal(rtn_quantize(w, 1, "channel"), expect)
     # BiT / BWN: sign(W - mean W) * mean|W| per row
     c = w - w.mean(1, keepdim=True)  # row means 0.25, 0.15
     expect_bit = torch.where(c >= 0, 1.0, -1.0) * m
@@ -212,7 +241,7 @@ def test_kmeans_matches_sklearn():
     assert inertia <= km.inertia_ * 1.01
     # deterministic for a seed, at most 2^b levels per channel
     w = _w(4, 100)
-    q1, q2 = Fq.kmeans_quantize(w, 2, "channel", seed=3), Fq.kmeans_quantize(w, 2, "channel", seed=3)
+    q1, q2 = kmeans_quantize(w, 2, "channel", seed=3), kmeans_quantize(w, 2, "channel", seed=3)
     assert torch.equal(q1, q2)
     assert all(row.unique().numel() <= 4 for row in q1)
 
@@ -223,25 +252,25 @@ def test_kmeans_matches_sklearn():
 def test_supported_bits_and_validation(tiny):
     assert supported_bits("rtn") == {1, 2, 3, 4, 8, 16}
     assert supported_bits("bit") == {1, 2}
-    validate_quant_config(QuantConfig(method="rtn"), 32)
+    validate_quant_config(quant_config("rtn"), 32)
     with pytest.raises(ConfigError, match="not supported"):
-        validate_quant_config(QuantConfig(method="bit"), 4)
+        validate_quant_config(quant_config("bit"), 4)
     with pytest.raises(ConfigError, match="not supported"):
-        validate_quant_config(QuantConfig(method="lsq"), 1)
+        validate_quant_config(quant_config("lsq"), 1)
     with pytest.raises(ConfigError, match="unknown method"):
-        validate_quant_config(QuantConfig(method="gptq"), 4)
+        validate_quant_config(quant_config("gptq"), 4)
     with pytest.raises(ConfigError, match="granularity"):
-        validate_quant_config(QuantConfig(granularity="row"), 4)
+        validate_quant_config(quant_config(granularity="row"), 4)
     with pytest.raises(ConfigError, match="act_bits"):
-        validate_quant_config(QuantConfig(method="rtn", act_bits=8), 4)
+        validate_quant_config({"method": "rtn", "act_bits": 8}, 4)
     with pytest.raises(ConfigError, match="unknown key"):
         validate_quant_config({"method": "rtn", "bitz": 3}, 4)
     with pytest.raises(ConfigError, match="group_size=96 does not divide"):
-        validate_quant_config(QuantConfig(granularity="group", group_size=96), 4, model=tiny.model)
+        validate_quant_config(quant_config(granularity="group", group_size=96), 4, model=tiny.model)
     with pytest.raises(ConfigError, match="overrides"):
-        validate_quant_config(QuantConfig(overrides={"encoder.layers.0.*": 5}), 4)
+        validate_quant_config(quant_config(overrides={"encoder.layers.0.*": 5}), 4)
     with pytest.raises(ConfigError):
-        quantize_(clone_upstream(tiny), QuantConfig(method="rtn"), 5)
+        quantize_(clone_upstream(tiny), quant_config("rtn"), 5)
 
 
 def _yaml(method: str) -> dict:
@@ -260,44 +289,59 @@ def test_conf_yamls_are_valid():
 
 def test_overhead_values():
     shape = (768, 3072)
-    assert overhead_values(QuantConfig(method="rtn", granularity="channel", symmetric=True), shape, 4) == 768
-    assert overhead_values(QuantConfig(method="rtn", granularity="channel", symmetric=False), shape, 4) == 1536
-    assert overhead_values(QuantConfig(method="rtn", granularity="channel", symmetric=False), shape, 1) == 768
-    assert overhead_values(QuantConfig(method="rtn", granularity="group", group_size=128, symmetric=True), shape,
+    assert overhead_values(quant_config("rtn", granularity="channel", symmetric=True), shape, 4) == 768
+    assert overhead_values(quant_config("rtn", granularity="channel", symmetric=False), shape, 4) == 1536
+    assert overhead_values(quant_config("rtn", granularity="channel", symmetric=False), shape, 1) == 768
+    assert overhead_values(quant_config("rtn", granularity="group", group_size=128, symmetric=True), shape,
                            2) == 768 * 24
-    assert overhead_values(QuantConfig(method="rtn", granularity="tensor", symmetric=True), shape, 8) == 1
-    assert overhead_values(QuantConfig(method="kmeans", granularity="channel"), shape, 2) == 768 * 4
-    assert overhead_values(QuantConfig(method="kmeans", granularity="tensor"), shape, 3) == 8
-    assert overhead_values(QuantConfig(method="lsq"), shape, 2) == 768
-    assert overhead_values(QuantConfig(method="bit", act_bits=1), shape, 1) == 770
-    assert overhead_values(QuantConfig(method="rtn"), shape, 32) == 0
-    assert overhead_values(QuantConfig(method="rtn", symmetric=True), (128, 64, 3), 4) == 128  # conv: per out channel
+    assert overhead_values(quant_config("rtn", granularity="tensor", symmetric=True), shape, 8) == 1
+    assert overhead_values(quant_config("kmeans", granularity="channel"), shape, 2) == 768 * 4
+    assert overhead_values(quant_config("kmeans", granularity="tensor"), shape, 3) == 8
+    assert overhead_values(quant_config("lsq"), shape, 2) == 768
+    assert overhead_values(quant_config("bit", act_bits=1), shape, 1) == 770
+    assert overhead_values(quant_config("rtn"), shape, 32) == 0
+    assert overhead_values(quant_config("rtn", symmetric=True), (128, 64, 3), 4) == 128  # conv: per out channel
 
 
 # ----------------------------------------------------------------------------------- method registry
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls) if f.name != "method"}
 
 
 def test_every_method_config_defaults_equal_its_yaml():
     schemas = quant_schemas()
     assert list(schemas) == ["rtn", "kmeans", "lsq", "bit", "bit_exact"]
     assert sorted(schemas) == sorted(p.stem for p in Path("conf/quant").glob("*.yaml"))
-    shared = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-              for f in dataclasses.fields(QuantConfig)}
     for name, cls in schemas.items():
         yaml, default = _yaml(name), cls()
-        assert type(QuantConfig(method=name)) is cls and QuantConfig(method=name) == default
-        assert set(yaml) <= set(shared), name
+        assert type(quant_config(name)) is cls and quant_config(name) == default
+        assert set(yaml) <= {f.name for f in dataclasses.fields(cls)}, name
         assert {k: getattr(default, k) for k in yaml} == yaml, name
-        # what the YAML leaves out is the shared default: composing it over QuantConfig's schema agrees too
-        assert {k: getattr(default, k) for k in shared if k not in yaml} == \
-            {k: v for k, v in shared.items() if k not in yaml}, name
+        # what the YAML leaves out is the parent class's default (QuantConfig's, or DistillConfig's)
+        parent = _defaults(DistillConfig if issubclass(cls, DistillConfig) else QuantConfig)
+        assert {k: getattr(default, k) for k in parent if k not in yaml} == \
+            {k: v for k, v in parent.items() if k not in yaml}, name
         assert validate_quant_config(yaml, min(get_method(name).weight_bits | {2})) == default
+
+
+def test_a_field_the_method_lacks_is_refused_by_name():
+    assert {f.name for f in dataclasses.fields(RTNConfig)} == {*_defaults(QuantConfig), "method", "clip"}
+    assert not hasattr(quant_config("lsq"), "clip") and not hasattr(quant_config("kmeans"), "steps")
+    with pytest.raises(TypeError, match="steps"):
+        quant_config("rtn", steps=9)
+    with pytest.raises(ConfigError, match="quant.steps"):
+        validate_quant_config({"method": "rtn", "steps": 9}, 2)
+    with pytest.raises(ConfigError, match="quant.act_bits"):
+        validate_quant_config({"method": "kmeans", "act_bits": 8}, 2)
 
 
 def test_rtn_config_is_quant_rtn(tiny):
     a = quantize_(clone_upstream(tiny), RTNConfig(), 4)
     b = quantize_(clone_upstream(tiny), _yaml("rtn"), 4)
-    c = quantize_(clone_upstream(tiny), QuantConfig(method="rtn"), 4)
+    c = quantize_(clone_upstream(tiny), quant_config("rtn"), 4)
     sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) and torch.equal(sa[k], sc[k]) for k in sa)
     assert {quantized_weight_parts(m)["format"] for m in quantized_modules(a).values()} == {"affine"}
@@ -334,12 +378,12 @@ def fake_method():
 def test_registry_drives_bits_overheads_and_quantize(tiny, fake_method):
     from qspeech.cost import account_quantized
 
-    cfg = QuantConfig(method="fake")
+    cfg = quant_config("fake")
     assert type(cfg) is fake_method and quant_schemas()["fake"] is fake_method
     assert supported_bits("fake") == {3, 5} and not get_method("fake").needs_audio
     assert overhead_values(cfg, (768, 3072), 5) == 3 * 768
     with pytest.raises(ConfigError, match="granularity=tensor is not supported by fake"):
-        QuantConfig(method="fake", granularity="tensor")
+        quant_config("fake", granularity="tensor")
     with pytest.raises(ConfigError, match="bits=4 is not supported by quant.method=fake"):
         validate_quant_config(cfg, 4)
     up = quantize_(clone_upstream(tiny), cfg, 5)
@@ -355,7 +399,7 @@ def test_registry_drives_bits_overheads_and_quantize(tiny, fake_method):
 @pytest.mark.parametrize("method,bits", [("rtn", 2), ("rtn", 1), ("kmeans", 2), ("lsq", 2), ("bit", 1), ("bit", 2)])
 def test_quantize_tiny_hubert(tiny, eval_audio, reference, method, bits):
     up = clone_upstream(tiny)
-    assert quantize_(up, QuantConfig(method=method), bits) is up
+    assert quantize_(up, quant_config(method), bits) is up
     chosen = select_targets(tiny.model, bits, ["linear"])
     qm = quantized_modules(up)
     assert set(qm) == set(chosen) and len(qm) == 6 * 6
@@ -370,7 +414,7 @@ def test_quantize_tiny_hubert(tiny, eval_audio, reference, method, bits):
     assert all(torch.isfinite(h).all() for h in out.hidden_states)
     # quantizing again changes nothing
     before = {k: v.clone() for k, v in up.model.state_dict().items()}
-    quantize_(up, QuantConfig(method=method), bits)
+    quantize_(up, quant_config(method), bits)
     after = up.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -378,21 +422,21 @@ def test_quantize_tiny_hubert(tiny, eval_audio, reference, method, bits):
 def test_bits_32_is_noop(tiny):
     up = clone_upstream(tiny)
     before = {k: v.clone() for k, v in up.model.state_dict().items()}
-    quantize_(up, QuantConfig(method="rtn"), 32)
+    quantize_(up, quant_config("rtn"), 32)
     assert not quantized_modules(up)
     after = up.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("cfg,bits", [
-    (QuantConfig(method="rtn", symmetric=True), 4),
-    (QuantConfig(method="rtn", symmetric=False, granularity="group", group_size=64), 3),
-    (QuantConfig(method="rtn", clip="mse", symmetric=False), 2),
-    (QuantConfig(method="rtn"), 1),
-    (QuantConfig(method="kmeans", granularity="tensor"), 2),
-    (QuantConfig(method="lsq", granularity="group", group_size=128), 2),
-    (QuantConfig(method="bit", act_bits=1), 1),
-    (QuantConfig(method="bit", targets=["all"], granularity="tensor"), 2),
+    (quant_config("rtn", symmetric=True), 4),
+    (quant_config("rtn", symmetric=False, granularity="group", group_size=64), 3),
+    (quant_config("rtn", clip="mse", symmetric=False), 2),
+    (quant_config("rtn"), 1),
+    (quant_config("kmeans", granularity="tensor"), 2),
+    (quant_config("lsq", granularity="group", group_size=128), 2),
+    (quant_config("bit", act_bits=1), 1),
+    (quant_config("bit", targets=["all"], granularity="tensor"), 2),
 ])
 def test_parts_reproduce_weights_bit_exactly(tiny, cfg, bits):
     up = quantize_(clone_upstream(tiny), cfg, bits)
@@ -407,12 +451,12 @@ def test_parts_reproduce_weights_bit_exactly(tiny, cfg, bits):
             assert c.abs().max() <= 2 ** (parts["bits"] - 1) - 1
         elif parts["format"] in ("affine", "binary", "codebook"):
             assert c.min() >= 0 and c.max() <= 2 ** parts["bits"] - 1
-    if cfg.act_bits:
+    if act_bits_of(cfg):
         assert "act" in quantized_weight_parts(next(iter(qm.values())))
 
 
 def test_targets_all_quantizes_conv_and_pos_conv(tiny, eval_audio):
-    up = quantize_(clone_upstream(tiny), QuantConfig(method="rtn", targets=["all"]), 4)
+    up = quantize_(clone_upstream(tiny), quant_config("rtn", targets=["all"]), 4)
     qm = quantized_modules(up)
     assert any(n.startswith("feature_extractor.") for n in qm) and any("pos_conv" in n for n in qm)
     with torch.no_grad():
@@ -430,7 +474,7 @@ def test_act_quant_hooks_run_on_every_quantized_linear(tiny, eval_audio):
     with torch.no_grad():
         for a, b in zip(ref(*eval_audio).hidden_states, alt(*eval_audio).hidden_states):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    up = quantize_(clone_upstream(tiny), QuantConfig(method="lsq", act_bits=4), 4)
+    up = quantize_(clone_upstream(tiny), quant_config("lsq", act_bits=4), 4)
     seen = set()
     for n, m in quantized_modules(up).items():
         m.register_forward_pre_hook(lambda mod, args, n=n: seen.add(n))
@@ -447,13 +491,13 @@ def test_rtn_error_falls_as_bits_rise(tiny, eval_audio):
     def err(cfg, bits):
         return hidden_state_error(quantize_(clone_upstream(tiny), cfg, bits), tiny, *eval_audio)
 
-    asym = [err(QuantConfig(method="rtn", symmetric=False), b) for b in (1, 2, 4, 8)]
+    asym = [err(quant_config("rtn", symmetric=False), b) for b in (1, 2, 4, 8)]
     assert asym[0] > asym[1] > asym[2] > asym[3], asym
     assert asym[3] < 1e-3
     # the symmetric narrow range is ternary at 2 bits: worse than 1 bit, but monotone from 2 bits on
-    sym = [err(QuantConfig(method="rtn", symmetric=True), b) for b in (2, 4, 8)]
+    sym = [err(quant_config("rtn", symmetric=True), b) for b in (2, 4, 8)]
     assert sym[0] > sym[1] > sym[2], sym
-    assert err(QuantConfig(method="kmeans"), 2) < asym[1]
+    assert err(quant_config("kmeans"), 2) < asym[1]
 
 
 # ----------------------------------------------------------------------------------- QAT plumbing
@@ -475,17 +519,17 @@ def noise_wavs(tmp_path_factory):
 
 def test_qat_needs_audio(tiny):
     with pytest.raises(ConfigError, match="audio"):
-        prepare_quantized_upstream(clone_upstream(tiny), QuantConfig(method="lsq"), 2, None, cache_dir=None)
+        prepare_quantized_upstream(clone_upstream(tiny), quant_config("lsq"), 2, None, cache_dir=None)
 
 
 def test_ptq_prepare_freezes(tiny):
-    up = prepare_quantized_upstream(clone_upstream(tiny), QuantConfig(method="rtn"), 2, None, None)
+    up = prepare_quantized_upstream(clone_upstream(tiny), quant_config("rtn"), 2, None, None)
     assert quantized_modules(up) and not up.training
     assert not any(p.requires_grad for p in up.parameters())
 
 
 def test_qat_chain_cache_and_resume(tiny, noise_wavs, tmp_path, monkeypatch):
-    cfg = QuantConfig(method="bit", steps=3, batch_size=1, max_seconds=0.5, ckpt_every=1)
+    cfg = quant_config("bit", steps=3, batch_size=1, max_seconds=0.5, ckpt_every=1)
     run = tmp_path / "run"
     real_batch = D._AudioSampler.batch
 
@@ -516,7 +560,7 @@ def test_qat_chain_cache_and_resume(tiny, noise_wavs, tmp_path, monkeypatch):
 def test_qat_sweep_over_bits_distils_the_shared_stage_once(tiny, noise_wavs, tmp_path):
     """bits=2 and bits=1 with bit, in either order: the 1-bit chain's 2-bit stage is the 2-bit run's student,
     distilled once and loaded by the other run; the results are identical to those distilled alone."""
-    cfg = QuantConfig(method="bit", steps=3, batch_size=1, max_seconds=0.5)
+    cfg = quant_config("bit", steps=3, batch_size=1, max_seconds=0.5)
 
     def distil(bits, cache, run):
         up = prepare_quantized_upstream(clone_upstream(tiny), cfg, bits, noise_wavs, cache, tmp_path / run,
@@ -544,7 +588,7 @@ def test_qat_sweep_over_bits_distils_the_shared_stage_once(tiny, noise_wavs, tmp
 
 @pytest.mark.slow
 def test_short_distillation_beats_rtn_at_2_bits(tiny, noise_wavs, eval_audio, tmp_path):
-    rtn = hidden_state_error(quantize_(clone_upstream(tiny), QuantConfig(method="rtn", symmetric=False), 2), tiny,
+    rtn = hidden_state_error(quantize_(clone_upstream(tiny), quant_config("rtn", symmetric=False), 2), tiny,
                              *eval_audio)
     for method in ("lsq", "bit"):
         cfg = {**_yaml(method), "steps": 40, "batch_size": 2, "max_seconds": 1.0}

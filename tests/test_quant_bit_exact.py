@@ -14,7 +14,7 @@ from torch import nn
 from conftest import random_upstream
 from qspeech.errors import ConfigError
 from qspeech.quant import (
-    QuantConfig,
+    quant_config,
     clone_model,
     get_method,
     overhead_values,
@@ -46,7 +46,7 @@ def test_bwn_weights_one_mean_one_scale_per_tensor_identity_gradient():
     (q * g).sum().backward()
     assert torch.equal(w.grad, g)  # BwnQuantizer.backward: grad_output unchanged (not x m, nothing via e or m)
     # qspeech's weight-only variant centres and scales each row: another result on the same tensor
-    bit = get_method("bit").make_weight_quantizer(QuantConfig(method="bit"), w.detach(), 1)
+    bit = get_method("bit").make_weight_quantizer(quant_config("bit"), w.detach(), 1)
     assert not torch.allclose(bit(w.detach()), q.detach())
     parts = BwnWeight(w.detach()).parts(w.detach())
     assert parts["format"] == "binary" and parts["codes"].tolist() == [[1, 0], [1, 0]]
@@ -158,33 +158,33 @@ def test_state_dict_rebuilds_the_exact_quantizer():
 def test_bit_exact_facts_config_and_accounting():
     m = get_method("bit_exact")
     assert m.weight_bits == {1} and m.granularities == ("tensor",) and m.needs_distillation
-    cfg = QuantConfig(method="bit_exact")
+    cfg = quant_config("bit_exact")
     assert (cfg.granularity, cfg.act_bits, cfg.distill_loss) == ("tensor", 1, "mse")
     with pytest.raises(ConfigError, match="bits=2 is not supported by quant.method=bit_exact"):
         validate_quant_config(cfg, 2)
     with pytest.raises(ConfigError, match="granularity=channel is not supported by bit_exact"):
-        QuantConfig(method="bit_exact", granularity="channel")
+        quant_config("bit_exact", granularity="channel")
     with pytest.raises(ConfigError, match="pos_conv"):
-        QuantConfig(method="bit_exact", targets=["all"])
-    QuantConfig(method="bit_exact", targets=["all"], act_bits=None)
+        quant_config("bit_exact", targets=["all"])
+    quant_config("bit_exact", targets=["all"], act_bits=None)
     # one scale per tensor, + alpha and one beta per input channel
     assert overhead_values(cfg, (768, 3072), 1) == 1 + 1 + 3072
-    assert overhead_values(QuantConfig(method="bit_exact", act_bits=None), (768, 3072), 1) == 1
-    assert overhead_values(QuantConfig(method="bit_exact", targets=["cnn"]), (128, 64, 3), 1) == 1 + 1 + 64
+    assert overhead_values(quant_config("bit_exact", act_bits=None), (768, 3072), 1) == 1
+    assert overhead_values(quant_config("bit_exact", targets=["cnn"]), (128, 64, 3), 1) == 1 + 1 + 64
 
 
 def test_chain_steps_through_activation_bits():
     assert act_chain(1, True) == [4, 2, 1] and act_chain(2, True) == [4, 2] and act_chain(4, True) == [4]
     assert act_chain(8, True) == [8] and act_chain(3, True) == [4, 3] and act_chain(1, False) == [1]
     assert act_chain(None, True) == [None]
-    plan = get_method("bit_exact").distill_plan(QuantConfig(method="bit_exact"), 1)
+    plan = get_method("bit_exact").distill_plan(quant_config("bit_exact"), 1)
     assert [(b, c.act_bits) for b, c in plan] == [(1, 4), (1, 2), (1, 1)]
-    assert [b for b, _ in get_method("bit").distill_plan(QuantConfig(method="bit", act_bits=1), 1)] == [2, 1]
+    assert [b for b, _ in get_method("bit").distill_plan(quant_config("bit", act_bits=1), 1)] == [2, 1]
 
 
 def test_quantize_tiny_hubert_roles_and_parts(tiny):
     up = clone_model(tiny)
-    quantize_(up, QuantConfig(method="bit_exact"), 1)
+    quantize_(up, quant_config("bit_exact"), 1)
     mods = quantized_modules(up)
     assert len(mods) == 6 * 6  # q, k, v, out_proj, fc1, fc2 of 6 layers
     for name, mod in mods.items():
@@ -206,7 +206,7 @@ def test_export_reload_is_identical(tiny, tmp_path):
     from qspeech.quant.packing import is_storage_exact, round_to_storage_
 
     up = clone_model(tiny)
-    qc = QuantConfig(method="bit_exact", act_bits=2)
+    qc = quant_config("bit_exact", act_bits=2)
     quantize_(up, qc, 1)
     wav = torch.randn(2, 3200, generator=torch.Generator().manual_seed(1)) * 0.1
     lens = torch.tensor([3200, 2400])
@@ -225,7 +225,7 @@ def test_export_reload_is_identical(tiny, tmp_path):
 def test_distillation_chain_students_start_from_full_precision(tiny, monkeypatch, tmp_path):
     import soundfile as sf
 
-    from qspeech import qat
+    import qspeech.quantize_upstream as qat
 
     paths = []
     for i in range(2):
@@ -244,7 +244,7 @@ def test_distillation_chain_students_start_from_full_precision(tiny, monkeypatch
 
     monkeypatch.setattr(qat, "_distill_stage", spy)
     up = clone_model(tiny)
-    cfg = QuantConfig(method="bit_exact", steps=1, batch_size=1, max_seconds=0.3)
+    cfg = quant_config("bit_exact", steps=1, batch_size=1, max_seconds=0.3)
     qat.prepare_quantized_upstream(up, cfg, 1, paths, cache_dir=None, run_dir=tmp_path / "run", progress=False)
     assert seen == [(4, True, "stage0_b1_a4.pt"), (2, True, "stage1_b1_a2.pt"), (1, True, "stage2_b1_a1.pt")]
     info = json.loads((tmp_path / "run" / "quant_distill.json").read_text())
@@ -270,14 +270,14 @@ def test_lsq_grad_scale_n_by_hand(how, n):
     assert q.g == pytest.approx(g)
     # the method builds it from the config (lsq and bit's 2-bit stage)
     for method in ("lsq", "bit"):
-        cfg = QuantConfig(method=method, grad_scale_n=how)
+        cfg = quant_config(method, grad_scale_n=how)
         assert get_method(method).make_weight_quantizer(cfg, w, 2).g == pytest.approx(1 / math.sqrt(n * 1))
 
 
 def test_grad_scale_n_config():
-    assert QuantConfig(method="lsq").grad_scale_n == "row"
+    assert quant_config("lsq").grad_scale_n == "row"
     with pytest.raises(ConfigError, match="grad_scale_n=col"):
-        QuantConfig(method="lsq", grad_scale_n="col")
+        quant_config("lsq", grad_scale_n="col")
     with pytest.raises(ValueError):
         Fq.lsq_grad_scale_n(torch.ones(2, 2), torch.ones(2, 1, 2), "col")
 
@@ -288,7 +288,7 @@ def test_grad_scale_n_config():
 def test_act_quantizer_channels_come_from_the_module():
     # make_act_quantizer reads the module's input channels from the weight (Linear) or in_channels (Conv1d)
     m = get_method("bit_exact")
-    cfg = QuantConfig(method="bit_exact")
+    cfg = quant_config("bit_exact")
     assert m.make_act_quantizer(cfg, "x.fc2", nn.Linear(5, 3), 1).beta.shape == (5,)
     conv = m.make_act_quantizer(cfg, "feature_extractor.conv_layers.1.0", nn.Conv1d(4, 8, 3), 1)
     assert conv.beta.shape == (4, 1) and bool(conv.signed)

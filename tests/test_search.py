@@ -7,13 +7,12 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import random_upstream, run_cli
 from qspeech.config import CONF_DIR, RunConfig, to_typed
 from qspeech.cost import account_quantized
-from qspeech.quant import QuantConfig
+from qspeech.quant import quant_config
 from qspeech.quant.targets import select_targets
 from qspeech.search import Infeasible, solve
 from qspeech.search.config import SearchRunConfig
@@ -128,14 +127,14 @@ def upstream():
 @pytest.mark.parametrize("targets", [["linear"], ["linear", "cnn"]])
 def test_every_choice_costs_what_the_accounting_says(upstream, targets):
     # A random allocation, priced by the search's table, equals the accounting of the same quant config.
-    quant = QuantConfig(method="rtn", targets=targets, symmetric=False)
+    quant = quant_config("rtn", targets=targets, symmetric=False)
     names, pinned = searched_modules(upstream.model, quant)
     assert pinned == {} and len(names) == 36 + (7 if "cnn" in targets else 0)
     costs = price(upstream, quant, names, pinned, [1, 2, 4, 8, 32], 1.0)
     rng = random.Random(1)
     pick = [rng.randrange(5) for _ in names]
     alloc = {n: costs.bits[j] for n, j in zip(names, pick)}
-    q = QuantConfig(method="rtn", targets=targets, symmetric=False, overrides=alloc)
+    q = quant_config("rtn", targets=targets, symmetric=False, overrides=alloc)
     report = account_quantized(upstream, q, 2, 1.0)
     assert sum(r.storage_bits for r in report.rows) == costs.fixed_storage + sum(
         costs.storage[i][j] for i, j in enumerate(pick))
@@ -144,7 +143,7 @@ def test_every_choice_costs_what_the_accounting_says(upstream, targets):
 
 
 def test_pinned_modules_keep_their_bits(upstream):
-    quant = QuantConfig(method="rtn", targets=["linear"], overrides={"encoder.layers.0.*": 8, "encoder.layers.1.fc1": 32},
+    quant = quant_config("rtn", targets=["linear"], overrides={"encoder.layers.0.*": 8, "encoder.layers.1.fc1": 32},
                         exclude=["encoder.layers.5.*"])
     names, pinned = searched_modules(upstream.model, quant)
     assert len(names) == 36 - 6 - 1 - 6 and pinned["encoder.layers.1.fc1"] == 32
@@ -153,7 +152,7 @@ def test_pinned_modules_keep_their_bits(upstream):
 
 
 def test_storage_budget_is_respected_to_the_bit(upstream):
-    quant = QuantConfig(method="rtn", targets=["linear"], symmetric=False)
+    quant = quant_config("rtn", targets=["linear"], symmetric=False)
     names, pinned = searched_modules(upstream.model, quant)
     costs = price(upstream, quant, names, pinned, [1, 2, 4, 8], 1.0, (2,))
     u2 = costs.uniform_storage[2]
@@ -187,7 +186,7 @@ def test_sensitivity_is_measured_once_and_cached(upstream, tmp_path):
         p = tmp_path / f"u{i}.wav"
         sf.write(p, (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
         utts.append(Utterance(f"u{i}", str(p), "", "s", 0.5))
-    quant = QuantConfig(method="rtn", targets=["linear"], symmetric=False)
+    quant = quant_config("rtn", targets=["linear"], symmetric=False)
     names = [f"encoder.layers.0.{m}" for m in ("fc1", "self_attn.k_proj")]
     before = fingerprint(upstream)
     d1, info1 = cached_sensitivity(upstream, quant, names, [1, 8, 32], utts, 2, 0.5, "all", tmp_path / "c", False)
@@ -200,7 +199,7 @@ def test_sensitivity_is_measured_once_and_cached(upstream, tmp_path):
     d3, info3 = cached_sensitivity(upstream, quant, names, [1, 2, 8], utts, 2, 0.5, "all", tmp_path / "c", False)
     assert info3["status"] == "partial" and info3["measured"] == 2 and d3[names[0]][1] == d1[names[0]][1]
     # another quantizer setting is another key
-    other = QuantConfig(method="rtn", targets=["linear"], symmetric=True)
+    other = quant_config("rtn", targets=["linear"], symmetric=True)
     _, info4 = cached_sensitivity(upstream, other, names, [8], utts, 2, 0.5, "all", tmp_path / "c", False)
     assert info4["status"] == "miss" and info4["key"] != info1["key"]
 

@@ -15,7 +15,7 @@ from qspeech.bench.nbits import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, kernel_bits, 
 from qspeech.bench.onnxrt import export_onnx, op_counts, ort_runner, profile_shares
 from qspeech.bench.qdq import fake_quant_onnx, qdq_onnx
 from qspeech.bench.timing import add_speedups, cpu_name, time_interleaved
-from qspeech.quant import QuantConfig, as_quant_config, clone_model, quantize_, quantized_modules, round_to_storage_
+from qspeech.quant import QuantConfig, as_quant_config, clone_model, quant_config, quantize_, quantized_modules, round_to_storage_
 from qspeech.train import torch_threads
 from qspeech.upstream import Upstream, build_upstream
 
@@ -23,7 +23,7 @@ SAMPLE_RATE = 16_000
 LUT_CONFIG = {"mlas.use_lut_gemm": 1}
 DEFAULT_BITS = (8, 4, 2, 1)
 # The fake-quant reference and the codes fed to the kernels unless told otherwise: rtn, per channel, symmetric.
-DEFAULT_QUANT = QuantConfig(method="rtn", symmetric=True)
+DEFAULT_QUANT = quant_config("rtn", symmetric=True)
 RESULT_KEYS = ("device", "cpu", "threads", "seconds", "batch", "repeats", "warmup", "torch", "onnxruntime",
                "quant", "bits", "variants", "measured_speedup", "fake_quant_err", "notes", "onnx")
 VARIANT_KEYS = ("ms", "ms_min", "times_ms", "bits", "kernel", "weights", "ref", "max_abs_err", "measured_speedup",

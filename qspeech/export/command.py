@@ -12,7 +12,7 @@ from qspeech.config import output_dir
 from qspeech.cost import account_quantized
 from qspeech.export.packed import export_packed, load_packed
 from qspeech.export.s3prl_checkpoint import load_s3prl, s3prl_path
-from qspeech.qat import quantize_upstream
+from qspeech.quantize_upstream import quantize_upstream
 from qspeech.quant import round_to_storage_
 from qspeech.seeding import seed_everything
 from qspeech.upstream import build_upstream

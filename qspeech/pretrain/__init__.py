@@ -6,19 +6,22 @@ conf/pretrain.yaml / conf/distill.yaml: compose() below, or the CLI), and build_
 
 from __future__ import annotations
 
+import argparse
+import time
 from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from qspeech.config import CONF_DIR, to_typed
 from qspeech.pretrain import config as _schemas  # noqa: F401 - registers the pretrain / distill schemas
+from qspeech.pretrain import distilhubert, hubert
 
 
 def compose(config_name: str, overrides: list[str] | None = None):
     """A primary config (pretrain / distill) composed from conf/ with Hydra's compose API, typed and checked
     (qspeech.pretrain.config)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=config_name):
@@ -36,11 +39,6 @@ def build_assets(argv: list[str] | None = None, *, run_root: str | Path | None =
     The two run folders are <run-root>/pretrain and <run-root>/distill (default run root
     outputs/assets/<time>); giving the run root of an interrupted build resumes it. --teacher skips the
     pretraining and distills (and installs) from that tiny HuBERT checkpoint only."""
-    import argparse
-    import time
-
-    from qspeech.pretrain import distilhubert, hubert
-
     ap = argparse.ArgumentParser(prog="qspeech assets", description=build_assets.__doc__.split("\n\n")[0])
     ap.add_argument("--run-root", default=None, help="folder for the two runs (resumes an interrupted build)")
     ap.add_argument("--pretrain", action="append", default=[], metavar="OVERRIDE", help="override for conf/pretrain.yaml")

@@ -4,7 +4,6 @@ checkpoints."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import time
@@ -17,11 +16,16 @@ import torch
 from omegaconf import OmegaConf
 
 from qspeech.atomic import torch_save_atomic, write_json_atomic, write_text_atomic
-from qspeech.data import read_audio
+from qspeech.config import output_dir
+from qspeech.data import load_split, read_audio
 from qspeech.errors import DataError, TrainingError
+from qspeech.loggers.csv_file import append_csv, read_csv, write_csv
 from qspeech.loop import Job, LoopConfig, Step, linear_warmup_decay, run
+from qspeech.pretrain import cards
 from qspeech.pretrain.config import OptimConfig
 from qspeech.seeding import seed_everything
+from qspeech.upstream import Upstream, UpstreamSpec, build_upstream
+from qspeech.upstream.builders import build_from_state
 from qspeech.upstream.config import ModelConfig
 
 SAMPLE_RATE = 16_000
@@ -78,8 +82,6 @@ def load_corpus(cfg, pcfg, min_samples: int) -> Corpus:
         clips = [Clip(p.stem, str(p), 0) for p in paths]
         desc = f"audio_dir {root}"
     else:
-        from qspeech.data import load_split
-
         utts = load_split(cfg.data, str(pcfg.split), str(cfg.cache_dir))
         clips = [Clip(u.utt_id, str(u.path), int(round(float(u.duration_s) * SAMPLE_RATE))) for u in utts]
         desc = f"data={cfg.data.name} split={pcfg.split}"
@@ -163,32 +165,19 @@ class LossLog:
         self.path, self.fields = path, fields
 
     def truncate(self, stage: str, step: int) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if not (r["stage"] == stage and int(r["step"]) > step)]
-        self._write(rows, "w")
+        if self.path.exists():
+            write_csv(self.path, self.fields, [r for r in read_csv(self.path)
+                                               if not (r["stage"] == stage and int(r["step"]) > step)])
 
     def append(self, row: dict) -> None:
-        self._write([row], "a")
-
-    def _write(self, rows, mode) -> None:
-        new = mode == "w" or not self.path.exists()
-        with open(self.path, mode, newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_csv(self.path, self.fields, [row])
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+        return read_csv(self.path)
 
     def plot(self, png: Path, keys: list[str], title: str) -> Path | None:
         """Loss curve png (per stage); None when matplotlib is missing."""
-        try:
+        try:  # slow to import: only when a plot is drawn
             import matplotlib
 
             matplotlib.use("Agg")
@@ -219,8 +208,6 @@ class LossLog:
 def run_dir(cfg, kind: str) -> Path:
     """cfg.run_dir if set (pass an old run's folder to resume it), else Hydra's output folder, else
     outputs/<kind>/<timestamp>."""
-    from qspeech.config import output_dir
-
     given = Path(str(cfg.run_dir)).expanduser() if cfg.run_dir else None
     return output_dir(given, default=REPO_ROOT / "outputs" / kind / time.strftime("%Y-%m-%d/%H-%M-%S"))
 
@@ -242,8 +229,6 @@ def save_config(cfg, path: Path) -> None:
 def finish_run(cfg, kind: str, run: Path, summary: dict, card: str, checkpoint: Path) -> dict:
     """summary.json and the model card in the run folder; with cfg.install, both installed into
     qspeech/assets/. What every pretraining command ends with."""
-    from qspeech.pretrain import cards
-
     write_json_atomic(run / "summary.json", summary)
     card_path = run / f"{cfg.model.name}.md"
     write_text_atomic(card_path, card)
@@ -363,9 +348,6 @@ def verify_checkpoint(model_cfg: ModelConfig, fp32_state: dict, path: Path, arch
     """Load `path` through build_upstream (model.ckpt=path) and compare its hidden states with those of the
     trained model (`fp32_state`, an s3prl checkpoint dict; rounded to fp16 when the file is fp16): they
     must be identical. Also reports how much fp16 storage moved them from the fp32 model's."""
-    from qspeech.upstream import Upstream, UpstreamSpec, build_upstream
-    from qspeech.upstream.builders import build_from_state
-
     loaded = build_upstream(dataclasses.replace(model_cfg, ckpt=str(path), init="pretrained"))
 
     def ref(rounded: bool) -> Upstream:

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from qspeech.pretrain import cards, common
 from qspeech.pretrain.config import DistillRunConfig
 from qspeech.pretrain.mfcc import conv_layers, receptive_field
+from qspeech.upstream import build_upstream
+from qspeech.upstream.archs.distiller import distiller_model
+from qspeech.upstream.builders import to_state
 
 KIND = "distill"
 
 
 def build_student(student_cfg: dict) -> torch.nn.Module:
-    from qspeech.upstream.archs.distiller import distiller_model
-
     return distiller_model(dict(student_cfg))
 
 
@@ -74,11 +75,20 @@ def distilhubert_loss(student, teacher, wavs: torch.Tensor, pred_layer_id, cosin
     return loss, metrics
 
 
+def save_student(cfg: DistillRunConfig, student, student_cfg: dict, teacher, run) -> tuple:
+    """The student as an s3prl distiller checkpoint in the run folder (naming its teacher), reloaded and checked
+    (common.verify_checkpoint); returns (path, check)."""
+    state = to_state("distiller", student, student_cfg)
+    state["Config"]["teacher"] = {"model": cfg.teacher.name, "n_layers": int(cfg.teacher.arch_cfg.get("encoder_layers", 12)),
+                                  "checkpoint_sha256": teacher.spec.source_sha256}
+    out = run / f"{cfg.model.name}.ckpt"
+    common.save_s3prl(state, out, fp16=bool(cfg.distill.fp16_asset))
+    return out, common.verify_checkpoint(cfg.model, state, out, "distiller", bool(cfg.distill.fp16_asset))
+
+
 def main(cfg: DistillRunConfig) -> dict:
     """Run the distillation as configured by conf/distill.yaml (typed: qspeech.config.to_typed); returns the
     summary dict."""
-    from qspeech.upstream import build_upstream
-
     d = cfg.distill
     run, t_start = common.start_run(cfg, KIND)
 
@@ -112,15 +122,7 @@ def main(cfg: DistillRunConfig) -> dict:
                             int(d.log_every), int(d.ckpt_every))
     log.plot(run / "loss.png", ["rec", "sim"], f"DistilHuBERT: {cfg.teacher.name} -> {cfg.model.name}")
     student.eval()
-
-    from qspeech.upstream.builders import to_state
-
-    state = to_state("distiller", student, student_cfg)
-    state["Config"]["teacher"] = {"model": cfg.teacher.name, "n_layers": int(cfg.teacher.arch_cfg.get("encoder_layers", 12)),
-                                  "checkpoint_sha256": teacher.spec.source_sha256}
-    out = run / f"{cfg.model.name}.ckpt"
-    common.save_s3prl(state, out, fp16=bool(d.fp16_asset))
-    check = common.verify_checkpoint(cfg.model, state, out, "distiller", bool(d.fp16_asset))
+    out, check = save_student(cfg, student, student_cfg, teacher, run)
     summary = {
         "model": cfg.model.name, "arch": "distiller", "checkpoint": str(out), "bytes": out.stat().st_size,
         "fp16": bool(d.fp16_asset), "params": sum(t.numel() for t in student.parameters()),

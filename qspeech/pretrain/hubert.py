@@ -22,12 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qspeech.errors import ConfigError
+from qspeech.errors import CheckpointError, ConfigError
 from qspeech.pretrain import cards, common
 from qspeech.pretrain.config import IterationConfig, PretrainConfig, PretrainRunConfig
 from qspeech.pretrain.mfcc import conv_layers, num_frames, receptive_field
 from qspeech.pretrain.labels import (assign, fit_kmeans, hidden_features, label_stats, load_labels,
                                      mfcc_features, save_labels)
+from qspeech.pretrain.teacher import WhisperEncoder, teacher_features
+from qspeech.upstream import checkpoints
+from qspeech.upstream.archs.hubert import hubert_model
+from qspeech.upstream.builders import to_state
 
 KIND = "pretrain"
 
@@ -43,8 +47,6 @@ def task_config(hop: int) -> dict:
 
 
 def build_model(model_cfg: dict, n_clusters: int, hop: int) -> torch.nn.Module:
-    from qspeech.upstream.archs.hubert import hubert_model
-
     return hubert_model(dict(model_cfg), task_config(hop), [list(range(n_clusters))])
 
 
@@ -84,8 +86,6 @@ def masked_prediction_loss(model, wavs: torch.Tensor, targets: torch.Tensor, fea
 
 
 def s3prl_state(model, model_cfg: dict, n_clusters: int, hop: int) -> dict:
-    from qspeech.upstream.builders import to_state
-
     return to_state("hubert", model, model_cfg, {"task_cfg": task_config(hop),
                                                 "dictionaries_symbols": [list(range(n_clusters))]})
 
@@ -103,8 +103,6 @@ def make_labels(corpus, it: IterationConfig, prev_model, p: PretrainConfig, laye
         window, hop = receptive_field(layers)
         feats = mfcc_features(corpus, window, hop, p.mfcc)
     elif it.targets == "teacher":
-        from qspeech.pretrain.teacher import WhisperEncoder, teacher_features
-
         enc = WhisperEncoder(p.teacher.model_dir, threads)
         feats = teacher_features(corpus, lambda n: num_frames(n, layers), enc)
         extra = {"teacher": "whisper tiny.en encoder (CTranslate2)", "teacher_sha256": enc.sha256()}
@@ -168,9 +166,6 @@ def iteration_model(r: PretrainRun, i: int, it: IterationConfig, prev) -> tuple[
 def checkpoint_model(r: PretrainRun, it: IterationConfig) -> torch.nn.Module:
     """init=checkpoint: the model of it.init_ckpt (an s3prl-format HuBERT checkpoint of this run's
     architecture; fp16 weights load into fp32), standing in for the previous iteration."""
-    from qspeech.errors import CheckpointError
-    from qspeech.upstream import checkpoints
-
     path = Path(str(it.init_ckpt)).expanduser()
     if not path.is_file():
         raise CheckpointError(f"init_ckpt={path}: no such file; point it at a HuBERT checkpoint such as "

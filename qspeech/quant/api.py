@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
-from qspeech.quant.config import as_quant_config, validate_quant_config
+from qspeech.quant.config import act_bits_of, as_quant_config, validate_quant_config
 from qspeech.quant.formats import dequantize_parts
 from qspeech.quant.modules import ActQuantizer, WeightQuantizer, input_quant_hook
 from qspeech.quant.registry import get_method
@@ -85,6 +85,7 @@ def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
     method = get_method(cfg.method)
     chosen = select_targets(inner, int(bits), cfg.targets, cfg.exclude, cfg.overrides)
     mods = dict(inner.named_modules())
+    act_bits = act_bits_of(cfg)
     for name, b in chosen.items():
         module = mods[name]
         if weight_quantizer(module) is not None:
@@ -92,10 +93,10 @@ def quantize_(model: nn.Module, cfg, bits: int) -> nn.Module:
         remove_weight_norm(module)
         q = method.make_weight_quantizer(cfg, module.weight.detach(), b)
         parametrize.register_parametrization(module, "weight", q)
-        if cfg.act_bits is not None:
-            module.input_quant = method.make_act_quantizer(cfg, name, module, int(cfg.act_bits))
+        if act_bits is not None:
+            module.input_quant = method.make_act_quantizer(cfg, name, module, int(act_bits))
             module.register_forward_pre_hook(input_quant_hook)
-    if cfg.act_bits is not None:
+    if act_bits is not None:
         force_projection_calls(inner, chosen)
     return model
 

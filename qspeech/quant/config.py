@@ -1,10 +1,12 @@
-"""The `quant` config group: QuantConfig (the fields every method shares), its checks, and what depends on a
-method's registered facts: supported bits and the storage overhead per weight tensor.
+"""The `quant` config group: QuantConfig (the fields every method shares), DistillConfig (the fields of the
+methods trained by distillation), their checks, and what depends on a method's registered facts: supported bits
+and the storage overhead per weight tensor.
 
-Each method's config class (RTNConfig, ...) is a subclass in qspeech/quant/methods/<name>.py whose defaults
-are conf/quant/<name>.yaml; `QuantConfig(method="rtn", ...)` builds that class, so a config made in Python
-and one composed from the YAML agree. Checks that need no model run when the object is made
-(__post_init__); validate_quant_config adds the bits and the model-dependent ones (group sizes).
+Each method's config class (RTNConfig, LSQConfig, ...) is a subclass in qspeech/quant/methods/<name>.py whose
+fields are the method's and whose defaults are conf/quant/<name>.yaml: a key a method does not have is refused
+by name (Hydra's schema for the YAML, TypeError in Python). `quant_config("rtn", ...)` builds a method's class
+by name. Checks that need no model run when the object is made (__post_init__); validate_quant_config adds the
+bits and the model-dependent ones (group sizes).
 """
 
 from __future__ import annotations
@@ -16,24 +18,20 @@ from dataclasses import dataclass, field
 
 from qspeech.checks import FieldError, choice, integer, need, number, typed
 from qspeech.errors import ConfigError
+from qspeech.identity import runtime
 from qspeech.quant.registry import get_method
 from qspeech.quant.targets import check_targets, select_targets
-from qspeech.identity import identity_dict, runtime
 
 GRANULARITIES = ("tensor", "channel", "group")
 DISTILL_LOSSES = ("l1_cos", "mse")
-CLIPS = ("minmax", "mse")
-# Fields that only QAT (distillation) reads: left out of the cache keys of PTQ methods.
-QAT_FIELDS = ("steps", "lr", "batch_size", "max_seconds", "distill_loss", "cos_weight", "weight_decay", "grad_clip",
-              "multi_distill", "grad_scale_n")
 GRAD_SCALE_N = ("row", "layer")
 
 
 @dataclass
 class QuantConfig:
-    """Schema of the `quant` config group; QuantConfig(method=m, ...) is m's config class."""
+    """The fields every method shares; a method's own class (quant_config(method)) adds the method's."""
 
-    method: str = "rtn"
+    method: str
     # Which modules: kinds of qspeech.quant.targets (linear, cnn, pos_conv, proj, heads, all),
     # fnmatch patterns kept in full precision, and {pattern: bits} for mixed precision.
     targets: list[str] = field(default_factory=lambda: ["linear"])
@@ -46,14 +44,44 @@ class QuantConfig:
     # Symmetric narrow range q in [-(2^(b-1)-1), 2^(b-1)-1] (w = q*s), or (rtn) asymmetric with an integer
     # zero point (w = (q - z)*s, q in [0, 2^b-1]).
     symmetric: bool = True
-    # rtn: 'minmax' range, or 'mse' (per scale group, the clipping ratio minimising the weight error).
-    clip: str = "minmax"
-    # Activation bits on the inputs of the quantized modules (lsq, bit only); null = full precision.
+
+    def __post_init__(self):
+        method = get_method(self.method)
+        need(isinstance(self, method.config), "method", self.method,
+             f"does not match {type(self).__name__}; use {method.config.__name__} or quant_config({self.method!r})")
+        for key in ("targets", "exclude"):
+            value = getattr(self, key)
+            need(not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"), key, value, "must be a list")
+            setattr(self, key, list(value))
+        check_targets(self.targets)
+        need(isinstance(self.overrides, Mapping), "overrides", self.overrides, "must be a mapping {pattern: bits}")
+        self.overrides = dict(self.overrides)
+        self.check_fields(method)
+        method.check(self)
+
+    def check_fields(self, method) -> None:
+        """Ranges and choices, and what the method's registered facts allow (no model needed); a method's
+        class extends it for its own fields."""
+        m = self.method
+        choice(self, "granularity", GRANULARITIES)
+        need(self.granularity in method.granularities, "granularity", self.granularity,
+             f"is not supported by {m}; use {' or '.join(method.granularities)}")
+        integer(self, "group_size", 1)
+        choice(self, "symmetric", (True, False))
+        need(self.symmetric or not method.symmetric_only, "symmetric", self.symmetric,
+             f"is not supported by {m} (symmetric only); set quant.symmetric=true")
+        for pattern, ob in self.overrides.items():
+            check_bits(m, ob, f"overrides[{pattern!r}]", field=True)
+
+
+@dataclass
+class DistillConfig(QuantConfig):
+    """The fields of the methods trained by layer-wise distillation of a full-precision teacher's hidden states
+    (lsq, bit, bit_exact)."""
+
+    # Activation bits on the inputs of the quantized modules; null = full precision.
     act_bits: int | None = None
-    # kmeans
-    iters: int = 30
     seed: int = 0
-    # QAT (lsq, bit): layer-wise distillation of hidden states from a full-precision teacher.
     steps: int = 200
     lr: float = 5.0e-4
     batch_size: int = 2
@@ -71,61 +99,40 @@ class QuantConfig:
     log_every: int = runtime(25)
     ckpt_every: int = runtime(100)
 
-    def __new__(cls, *args, **kwargs):
-        if cls is QuantConfig:  # the method's own class, whose defaults are its YAML's
-            cls = get_method(kwargs.get("method", args[0] if args else QuantConfig.method)).config
-        return super().__new__(cls)
+    def check_fields(self, method) -> None:
+        super().check_fields(method)
+        if self.act_bits is not None:
+            need(bool(method.act_bits), "act_bits", self.act_bits,
+                 f"is not supported by quant.method={self.method} (weight-only); set quant.act_bits=null")
+            need(_is_int(self.act_bits) and self.act_bits in method.act_bits, "act_bits", self.act_bits,
+                 f"is not supported by {self.method}; choose from {sorted(method.act_bits)} or null")
+        integer(self, "seed", 0)
+        integer(self, "steps", 0)
+        integer(self, "batch_size", 1)
+        number(self, "lr", 0, lo_open=True)
+        number(self, "max_seconds", 0, lo_open=True)
+        choice(self, "distill_loss", DISTILL_LOSSES)
+        choice(self, "grad_scale_n", GRAD_SCALE_N)
+        for key in ("cos_weight", "weight_decay", "grad_clip"):
+            number(self, key, 0)
+        integer(self, "log_every", 0)
+        integer(self, "ckpt_every", 0)
 
-    def __post_init__(self):
-        method = get_method(self.method)
-        need(isinstance(self, method.config), "method", self.method,
-             f"does not match {type(self).__name__}; use {method.config.__name__} or QuantConfig(method=...)")
-        for key in ("targets", "exclude"):
-            value = getattr(self, key)
-            need(not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"), key, value, "must be a list")
-            setattr(self, key, list(value))
-        check_targets(self.targets)
-        need(isinstance(self.overrides, Mapping), "overrides", self.overrides, "must be a mapping {pattern: bits}")
-        self.overrides = dict(self.overrides)
-        _check_fields(self, method)
-        method.check(self)
 
-
-def _check_fields(cfg: QuantConfig, method) -> None:
-    """Ranges and choices, and what the method's registered facts allow (no model needed)."""
-    m = cfg.method
-    choice(cfg, "granularity", GRANULARITIES)
-    need(cfg.granularity in method.granularities, "granularity", cfg.granularity,
-         f"is not supported by {m}; use {' or '.join(method.granularities)}")
-    integer(cfg, "group_size", 1)
-    choice(cfg, "clip", CLIPS)
-    need(cfg.clip in method.clips, "clip", cfg.clip, f"is not supported by {m}; set quant.clip=minmax")
-    choice(cfg, "symmetric", (True, False))
-    need(cfg.symmetric or not method.symmetric_only, "symmetric", cfg.symmetric,
-         f"is not supported by {m} (symmetric only); set quant.symmetric=true")
-    if cfg.act_bits is not None:
-        need(bool(method.act_bits), "act_bits", cfg.act_bits,
-             f"is not supported by quant.method={m} (weight-only); use lsq or bit, or set quant.act_bits=null")
-        need(_is_int(cfg.act_bits) and cfg.act_bits in method.act_bits, "act_bits", cfg.act_bits,
-             f"is not supported by {m}; choose from {sorted(method.act_bits)} or null")
-    for pattern, ob in cfg.overrides.items():
-        check_bits(m, ob, f"overrides[{pattern!r}]", field=True)
-    integer(cfg, "iters", 1)
-    integer(cfg, "seed", 0)
-    integer(cfg, "steps", 0)
-    integer(cfg, "batch_size", 1)
-    number(cfg, "lr", 0, lo_open=True)
-    number(cfg, "max_seconds", 0, lo_open=True)
-    choice(cfg, "distill_loss", DISTILL_LOSSES)
-    choice(cfg, "grad_scale_n", GRAD_SCALE_N)
-    for key in ("cos_weight", "weight_decay", "grad_clip"):
-        number(cfg, key, 0)
-    integer(cfg, "log_every", 0)
-    integer(cfg, "ckpt_every", 0)
+def act_bits_of(cfg: QuantConfig) -> int | None:
+    """The activation bits of the quantized modules' inputs; None for full precision (and for every
+    weight-only method, whose config has no act_bits)."""
+    return getattr(cfg, "act_bits", None)
 
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def quant_config(method: str = "rtn", **fields) -> QuantConfig:
+    """The config of `method` (its own class: defaults = conf/quant/<method>.yaml) with `fields` set; a field
+    the method does not have is a TypeError naming it."""
+    return get_method(method).config(method=method, **fields)
 
 
 def as_quant_config(cfg) -> QuantConfig:
@@ -134,10 +141,10 @@ def as_quant_config(cfg) -> QuantConfig:
     if isinstance(cfg, QuantConfig):
         return cfg
     if cfg is None:
-        return QuantConfig()
+        return quant_config()
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"quant: expected a mapping of settings, got {type(cfg).__name__}")
-    return typed(get_method(cfg.get("method", QuantConfig.method)).config, cfg, "quant")
+    return typed(get_method(cfg.get("method", "rtn")).config, cfg, "quant")
 
 
 def supported_bits(method: str) -> set[int]:
@@ -181,7 +188,7 @@ def validate_quant_config(cfg, bits: int, model=None) -> QuantConfig:
                     f"quant.group_size={cfg.group_size} does not divide the {row} input weights per row of "
                     f"'{name}'; choose a divisor, granularity=channel, or add it to quant.exclude"
                 )
-    if cfg.act_bits is not None and type(model).__name__ == "WavLM":
+    if act_bits_of(cfg) is not None and type(model).__name__ == "WavLM":
         raise ConfigError("quant.act_bits is not supported for WavLM (its attention bypasses the projections); "
                           "set quant.act_bits=null")
     return cfg
@@ -205,17 +212,3 @@ def overhead_values(cfg, weight_shape: tuple, bits: int) -> int:
         return 0
     shape = tuple(weight_shape)
     return get_method(cfg.method).overhead(cfg, shape, n_scale_groups(cfg, shape), int(bits))
-
-
-def key_dict(cfg: QuantConfig) -> dict:
-    """The config's result fields (qspeech.identity) as a dict, for run and cache keys."""
-    return identity_dict(cfg)
-
-
-def cache_dict(cfg: QuantConfig) -> dict:
-    """The config fields that determine the quantized model (for cache keys)."""
-    d = key_dict(cfg)
-    if not get_method(cfg.method).needs_distillation:
-        for k in QAT_FIELDS:
-            d.pop(k, None)
-    return d

@@ -172,16 +172,6 @@ def rtn_fake(wg, scale, zero, bits):
     return rtn_dequant(rtn_codes(wg, scale, zero, bits), scale, zero)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, granularity: str = "channel", group_size: int = 128,
-                 symmetric: bool = True, clip: str = "minmax") -> torch.Tensor:
-    """Fake-quantized copy of `w` (rtn, including the 1-bit case)."""
-    wg = as_groups(w, granularity, group_size)
-    if bits == 1:
-        return from_groups(binary_fake(wg, binary_scale(wg), center=False), w.shape)
-    s, z = rtn_params(wg, bits, symmetric, clip)
-    return from_groups(rtn_fake(wg, s, z, bits), w.shape)
-
-
 # ----------------------------------------------------------------------------------- 1 bit
 
 
@@ -418,10 +408,3 @@ def codebook_fake(xg: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     codes = codebook_assign(xg.detach()[:, 0], codebook)
     levels = codebook.gather(1, codes).unsqueeze(1)
     return _GatherSTE.apply(xg, levels)
-
-
-def kmeans_quantize(w: torch.Tensor, bits: int, granularity: str = "channel", iters: int = 30, seed: int = 0):
-    wg = as_groups(w, granularity)
-    cb, _ = kmeans_1d(wg[:, 0], 2**bits, iters, seed)
-    cb = cb.to(w.dtype)
-    return from_groups(codebook_fake(wg, cb), w.shape)

@@ -1,7 +1,8 @@
 """The quantization methods by name.
 
 A method is one module in qspeech/quant/methods/ (plus conf/quant/<name>.yaml) that defines its config class
-(a QuantConfig subclass whose defaults are the YAML's) and a QuantMethod subclass decorated with @register.
+(a QuantConfig subclass, or DistillConfig's for a method trained by distillation, with the method's own fields
+and the YAML's defaults) and a QuantMethod subclass decorated with @register.
 Everything else asks the registry: quantize_ (the weight quantizer), the config checks (bits, granularity,
 activation bits), the storage accounting (scale values per tensor), storage rounding (the frozen form), and
 the runner (whether the method distils on audio).
@@ -31,7 +32,6 @@ class QuantMethod:
     act_bits: ClassVar[frozenset[int]] = frozenset()  # bits for the modules' inputs; empty = weight-only
     elastic_act: ClassVar[bool] = False  # input quantizer: BiT's elastic alpha/beta (True) or LSQ's step
     granularities: ClassVar[tuple[str, ...]] = ("tensor", "channel", "group")
-    clips: ClassVar[tuple[str, ...]] = ("minmax",)  # weight range choices (quant.clip)
     symmetric_only: ClassVar[bool] = False
     needs_distillation: ClassVar[bool] = False  # QAT: trained by distillation on the task's unlabeled audio
     needs_calibration_audio: ClassVar[bool] = False  # PTQ that looks at activations
@@ -85,8 +85,8 @@ class QuantMethod:
 
 
 def register(cls: type[QuantMethod]) -> type[QuantMethod]:
-    """Class decorator: make the method available under cls.name (its config class then dispatches from
-    QuantConfig(method=cls.name))."""
+    """Class decorator: make the method available under cls.name (and its config class under
+    quant_config(cls.name))."""
     if not cls.name or not isinstance(getattr(cls, "config", None), type):
         raise TypeError(f"{cls.__name__}: a QuantMethod needs a name and a config class")
     unknown = set(cls.formats) - set(FORMATS)

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from qspeech.atomic import write_json_atomic
 from qspeech.data import read_audio
 from qspeech.feature_cache import pad_waves
+from qspeech.identity import identity_dict
 from qspeech.quant import QuantConfig, clone_model, quantize_, remove_quantization_
-from qspeech.quant.config import cache_dict
 from qspeech.upstream import fingerprint
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def load_audio(utts: Sequence, n: int, max_seconds: float) -> tuple[torch.Tensor
 
 
 def sensitivity_key(upstream, quant: QuantConfig, measure: str, audio_sig: list) -> str:
-    method = {k: v for k, v in cache_dict(quant).items() if k not in SELECTION_FIELDS}
+    method = {k: v for k, v in identity_dict(quant).items() if k not in SELECTION_FIELDS}
     payload = json.dumps({"v": CACHE_VERSION, "upstream": fingerprint(upstream), "quant": method,
                           "measure": measure, "audio": audio_sig}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

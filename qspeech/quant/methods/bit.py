@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import qspeech.quant.functional as Fq
-from qspeech.quant.config import QuantConfig
+from qspeech.quant.config import DistillConfig
 from qspeech.quant.methods.lsq import LSQWeight
 from qspeech.quant.modules import WeightQuantizer
 from qspeech.quant.packing import fp16_round
@@ -23,7 +23,7 @@ from qspeech.quant.registry import QuantMethod, register
 
 
 @dataclass
-class BitConfig(QuantConfig):
+class BitConfig(DistillConfig):
     """conf/quant/bit.yaml."""
 
     method: str = "bit"

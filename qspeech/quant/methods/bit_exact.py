@@ -34,7 +34,7 @@ from torch import nn
 
 import qspeech.quant.functional as Fq
 from qspeech.checks import need
-from qspeech.quant.config import QuantConfig
+from qspeech.quant.config import DistillConfig
 from qspeech.quant.methods.bit import BinaryWeight, FrozenBinaryWeight
 from qspeech.quant.modules import ActQuantizer
 from qspeech.quant.registry import QuantMethod, register
@@ -44,7 +44,7 @@ ACT_CHAIN = (4, 2)
 
 
 @dataclass
-class BitExactConfig(QuantConfig):
+class BitExactConfig(DistillConfig):
     """conf/quant/bit_exact.yaml."""
 
     method: str = "bit_exact"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 import qspeech.quant.functional as Fq
+from qspeech.checks import integer
 from qspeech.quant.config import QuantConfig
 from qspeech.quant.modules import WeightQuantizer
 from qspeech.quant.registry import QuantMethod, register
@@ -19,6 +20,13 @@ class KMeansConfig(QuantConfig):
     """conf/quant/kmeans.yaml."""
 
     method: str = "kmeans"
+    iters: int = 30  # Lloyd iterations (stops early when the levels stop moving)
+    seed: int = 0
+
+    def check_fields(self, method) -> None:
+        super().check_fields(method)
+        integer(self, "iters", 1)
+        integer(self, "seed", 0)
 
 
 class KMeansWeight(WeightQuantizer):

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 import qspeech.quant.functional as Fq
-from qspeech.quant.config import QuantConfig
+from qspeech.quant.config import DistillConfig
 from qspeech.quant.modules import WeightQuantizer
 from qspeech.quant.registry import QuantMethod, register
 
 
 @dataclass
-class LSQConfig(QuantConfig):
+class LSQConfig(DistillConfig):
     """conf/quant/lsq.yaml."""
 
     method: str = "lsq"

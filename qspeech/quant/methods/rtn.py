@@ -13,9 +13,14 @@ from dataclasses import dataclass
 import torch
 
 import qspeech.quant.functional as Fq
+from qspeech.checks import choice
 from qspeech.quant.config import QuantConfig
 from qspeech.quant.modules import WeightQuantizer
 from qspeech.quant.registry import QuantMethod, register
+
+
+# the weight range: min-max, or per scale group the clipping ratio with the least squared error
+CLIPS = ("minmax", "mse")
 
 
 @dataclass
@@ -25,6 +30,11 @@ class RTNConfig(QuantConfig):
     method: str = "rtn"
     # asymmetric by default: the symmetric narrow range has only 3 levels at 2 bits (see the YAML)
     symmetric: bool = False
+    clip: str = "minmax"
+
+    def check_fields(self, method) -> None:
+        super().check_fields(method)
+        choice(self, "clip", CLIPS)
 
 
 class RTNWeight(WeightQuantizer):
@@ -65,7 +75,6 @@ class RTN(QuantMethod):
     name = "rtn"
     config = RTNConfig
     weight_bits = frozenset({1, 2, 3, 4, 8, 16})
-    clips = ("minmax", "mse")
     formats = ("symmetric", "affine", "binary")
 
     def make_weight_quantizer(self, cfg, w, bits):

@@ -1,6 +1,6 @@
-"""Quantization-aware training: prepare_quantized_upstream quantizes an upstream in place, directly (PTQ) or
-by layer-wise distillation of a full-precision copy's hidden states into the quantized model (QAT:
-DistilHuBERT's L1 + log-sigmoid cosine, or BiT's MSE) on unlabeled audio, trained on the one loop
+"""Quantizing a run's upstream: quantize_upstream / prepare_quantized_upstream quantize it in place, directly
+(PTQ: rtn, kmeans) or by layer-wise distillation of a full-precision copy's hidden states into the quantized
+model (QAT: DistilHuBERT's L1 + log-sigmoid cosine, or BiT's MSE) on unlabeled audio, trained on the one loop
 (qspeech.loop: checkpoints, resume), with a cache of distilled upstreams.
 
 The math lives in the quantization core (qspeech.quant); this module adds the audio, the teacher, the
@@ -26,9 +26,10 @@ from qspeech.atomic import build_lock, torch_save_atomic, write_json_atomic
 from qspeech.data import load_split, read_audio
 from qspeech.errors import ConfigError, DataError
 from qspeech.feature_cache import pad_waves
+from qspeech.identity import identity_dict
 from qspeech.loop import Job, LoopConfig, Step, run
 from qspeech.quant import clone_model, get_method, quantize_, remove_quantization_, validate_quant_config
-from qspeech.quant.config import QuantConfig, cache_dict
+from qspeech.quant.config import DistillConfig, QuantConfig
 from qspeech.quant.targets import select_targets
 from qspeech.upstream import fingerprint
 
@@ -95,16 +96,6 @@ def layer_distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
     return total / len(student)
 
 
-@torch.no_grad()
-def hidden_state_error(student, teacher, wavs, lens) -> float:
-    """Mean over hidden states of ||s - t||^2 / ||t||^2 on valid frames (for reports and tests)."""
-    s, t = student(wavs, lens), teacher(wavs, lens)
-    mask = (torch.arange(s.hidden_states[0].shape[1])[None, :] < s.lengths[:, None]).unsqueeze(-1).float()
-    errs = [((a - b).pow(2) * mask).sum() / (b.pow(2) * mask).sum().clamp_min(1e-12)
-            for a, b in zip(s.hidden_states, t.hidden_states)]
-    return float(torch.stack(errs).mean())
-
-
 # ----------------------------------------------------------------------------------- cache keys
 
 
@@ -127,7 +118,7 @@ def distill_source(upstream, audio_paths) -> dict:
 def quant_cache_key(source: dict, cfg: QuantConfig, bits: int, after: str | None = None) -> str:
     """The key of a distilled upstream: `source` (distill_source) distilled at `bits` with `cfg`; `after`:
     the key of the stage that taught it (a chain's later stage), None for a first stage or a run."""
-    fields = {"v": CACHE_VERSION, **source, "quant": cache_dict(cfg), "bits": int(bits)}
+    fields = {"v": CACHE_VERSION, **source, "quant": identity_dict(cfg), "bits": int(bits)}
     if after is not None:
         fields["after"] = after
     payload = json.dumps(fields, sort_keys=True, default=str)
@@ -166,7 +157,7 @@ class DistillStage(Job):
     the sampler's batches. The student stays in eval mode (no dropout: deterministic, and better for short
     runs; gradients still flow); its CNN trains when some of its modules are quantized."""
 
-    def __init__(self, student, teacher, sampler: _AudioSampler, cfg: QuantConfig, stage: int, bits: int, key: str):
+    def __init__(self, student, teacher, sampler: _AudioSampler, cfg: DistillConfig, stage: int, bits: int, key: str):
         self.student, self.teacher, self.sampler, self.cfg = student, teacher, sampler, cfg
         self.stage, self.bits, self.key, self.losses = stage, bits, key, []
         student.eval()
@@ -203,7 +194,7 @@ class DistillStage(Job):
         log.info("resuming distillation stage %d at step %d", self.stage, state["step"])
 
 
-def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: QuantConfig, stage: int, bits: int,
+def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: DistillConfig, stage: int, bits: int,
                    key: str, ckpt: Path | None, progress: bool, label: str | None = None) -> dict:
     """Train one stage (resuming from `ckpt` when it holds this stage's state); the student ends frozen.
     label: the stage's name in progress bars and logged curves (default '<bits>bit')."""
@@ -277,7 +268,7 @@ def quantize_upstream(cfg, upstream, run_dir=None, progress: bool = True):
                                       run_dir=run_dir, progress=progress)
 
 
-def _distill(upstream, cfg: QuantConfig, bits: int, audio_paths: list[str], key: str, run_dir: Path | None,
+def _distill(upstream, cfg: DistillConfig, bits: int, audio_paths: list[str], key: str, run_dir: Path | None,
              progress: bool, info: dict, cache_dir, source: dict):
     """The method's distillation stages (bit at 1 bit: FP -> 2-bit -> 1-bit; bit_exact: W1A4 -> W1A2 -> W1A1),
     each stage's teacher the previous stage's student; returns the last student and records the stages in

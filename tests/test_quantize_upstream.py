@@ -1,4 +1,4 @@
-"""qspeech.qat: the layer-wise distillation loss and a QAT stage on the one training loop (its resumable state).
+"""qspeech.quantize_upstream: the layer-wise distillation loss and a QAT stage on the one training loop (its resumable state).
 The end-to-end QAT checks (chain, cache, resume after a kill, beating RTN) are in test_quant.py."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from qspeech.loop import STATE_VERSION, load_state
-from qspeech.qat import layer_distill_loss, prepare_quantized_upstream
-from qspeech.quant import QuantConfig, clone_model
+from qspeech.quantize_upstream import layer_distill_loss, prepare_quantized_upstream
+from qspeech.quant import quant_config, clone_model
 
 
 def test_layer_distill_loss_by_hand():
@@ -42,7 +42,7 @@ def test_stage_state_is_the_loops_and_belongs_to_its_config(tmp_path):
         sf.write(tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(8000)).astype("float32"), 16000)
         audio.append(str(tmp_path / f"{i}.wav"))
     tiny = tiny_upstream()
-    cfg = QuantConfig(method="lsq", steps=2, batch_size=1, max_seconds=0.3, ckpt_every=1)
+    cfg = quant_config("lsq", steps=2, batch_size=1, max_seconds=0.3, ckpt_every=1)
     run = tmp_path / "run"
     prepare_quantized_upstream(clone_model(tiny), cfg, 4, audio, None, run, progress=False)
     state = load_state(run / "quant_ckpt" / "stage0_b4.pt")
@@ -51,6 +51,6 @@ def test_stage_state_is_the_loops_and_belongs_to_its_config(tmp_path):
     # the same config resumes the finished stage (no step); another config's state is not resumed
     prepare_quantized_upstream(clone_model(tiny), cfg, 4, audio, None, run, progress=False)
     assert json.loads((run / "quant_distill.json").read_text())["stages"][0]["resumed_at"] == 2
-    other = QuantConfig(method="lsq", steps=2, batch_size=1, max_seconds=0.3, ckpt_every=1, lr=1e-4)
+    other = quant_config("lsq", steps=2, batch_size=1, max_seconds=0.3, ckpt_every=1, lr=1e-4)
     prepare_quantized_upstream(clone_model(tiny), other, 4, audio, None, run, progress=False)
     assert json.loads((run / "quant_distill.json").read_text())["stages"][0]["resumed_at"] == 0
