@@ -5,10 +5,6 @@ dependency; only heavy or optional third-party packages are imported where used)
 import ast
 from pathlib import Path
 
-import pytest
-
-# The second consolidation (issue 24) brings these to pass; until it lands they report, not fail.
-pytestmark = pytest.mark.xfail(strict=False)
 
 PKG = Path(__file__).resolve().parent.parent / "qspeech"
 MAX_FILE_LINES = 450
