@@ -12,7 +12,7 @@ import types
 import typing
 
 from qspeech.config import RunConfig
-from qspeech.identity import RESULT, field_kind
+from qspeech.identity import OUTSIDE, RUNTIME, field_kind
 from qspeech.quant.config import QuantConfig
 from qspeech.quant.registry import quant_schemas
 from qspeech.tasks import TaskConfig, task_schemas
@@ -50,7 +50,7 @@ def result_config(config: dict, schemas: tuple[type, ...] = (RunConfig,)) -> dic
     out = {}
     for key, value in config.items():
         declared = [_fields(s)[key] for s in schemas if key in _fields(s)]
-        if not declared or any(field_kind(f) != RESULT for f, _ in declared):
+        if not declared or any(field_kind(f) in (RUNTIME, OUTSIDE) for f, _ in declared):
             continue
         sub = _schemas_of(declared[0][1], value) if isinstance(value, dict) else ()
         out[key] = result_config(value, sub) if sub else value
