@@ -19,13 +19,15 @@ def test_editing_the_schedule_continues_the_head_instead_of_restarting(tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
-    assert run_cli("run", *BASE, cwd=a).returncode == 0
+    # caches of their own, built alike: features another test built (other threads) may differ in the last bit
+    env = {"QSPEECH_CACHE": str(tmp_path / "cache1")}
+    assert run_cli("run", *BASE, cwd=a, env=env).returncode == 0
     # another eval cadence and a runtime knob: the same training, resumed at its end (nothing to redo)
-    proc = run_cli("run", *BASE, "train.eval_every=4", "train.save_every=1", "train.log_every=1", cwd=b)
+    proc = run_cli("run", *BASE, "train.eval_every=4", "train.save_every=1", "train.log_every=1", cwd=b, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _result(b)["metrics"]["resumed_from_step"] == 4
     # more steps under a constant rate: the head goes on from step 4 ...
-    proc = run_cli("run", *BASE, "train.max_steps=6", cwd=b)
+    proc = run_cli("run", *BASE, "train.max_steps=6", cwd=b, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     longer = [r for r in map(lambda p: json.loads(p.read_text()), (b / "outputs").rglob("result.json"))
               if r["config"]["train"]["max_steps"] == 6]

@@ -106,7 +106,7 @@ def test_search_config_composes_and_refuses_bad_budgets():
 
 
 def test_search_folder_is_named_by_the_run_identity():
-    """The folder's hash is qspeech.identity's: runtime and outside settings (quant.log_every, cache_dir,
+    """The folder's hash is qspeech.identity's: runtime and outside settings (data.mini.workers, cache_dir,
     model.trust_checkpoint) land in the same folder, a result setting in another."""
     def folder(overrides):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qspeech"):
@@ -114,7 +114,7 @@ def test_search_folder_is_named_by_the_run_identity():
 
     base = folder(["budget_bits=2"])
     assert base.startswith("outputs/search/tiny_hubert_rtn_b2_")
-    assert folder(["budget_bits=2", "quant.log_every=5", "cache_dir=/elsewhere", "model.trust_checkpoint=true"]) == base
+    assert folder(["budget_bits=2", "data.mini.workers=1", "cache_dir=/elsewhere", "model.trust_checkpoint=true"]) == base
     assert folder(["budget_bits=2", "search.utterances=4"]) != base
     assert folder(["budget_bits=2", "search.name=mine"]) == "outputs/search/mine"
 
