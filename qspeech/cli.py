@@ -26,6 +26,7 @@ from qspeech.completion import hide_schemas, split_line
 from qspeech.config import CONF_DIR, to_typed
 from qspeech.data import prepare
 from qspeech.errors import QSpeechError
+from qspeech.preemption import Preempted, stop
 from qspeech.hydra_setup import (completion_mode, flag_error, hydra_args, hydra_defaults, quiet, register_resolvers,
                                  store_settings)
 from qspeech.pretrain import build_assets, distilhubert, hubert
@@ -87,6 +88,8 @@ def _job(fn: Callable[[object, Path], object], failures: list[BaseException]) ->
                 return fn(to_typed(cfg), run_dir)
             except ModuleNotFoundError as e:
                 raise _missing_package(e) or e
+            except Preempted as p:  # requeued by submitit, or exits; a job it gives up on fails here
+                raise stop(p) from None
         except QSpeechError as e:
             print(f"qspeech: error: {e}", file=sys.stderr)
             failures.append(e)
