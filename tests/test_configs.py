@@ -167,7 +167,7 @@ def test_every_key_is_typed(name, overrides):
     ("data.kind=nope", "data.kind=nope is unknown"),
     ("cost.seconds=0", "cost.seconds"),
     ("bench.bits=[4,5]", "bench.bits"),
-    ("logger=csv logger.name=wandb", "logger.name=wandb"),
+    ("logger=csv logger.name=neptune", "logger.name=neptune"),
     ("optimized_metric=wer", "never a test score"),
     ("optimized_metric=[dev,value]", "optimized_metric"),
 ])
