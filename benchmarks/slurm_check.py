@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -106,6 +107,19 @@ def comparable(run_dir: Path) -> dict:
     return out
 
 
+def fingerprint(run_dir: Path) -> dict:
+    """Numbers that move with every training step, to show in the JSON beside the comparison: the test score, the
+    last logged train loss, and hashes of the head's weights and of the test predictions."""
+    res = json.loads((run_dir / "result.json").read_text())
+    with open(run_dir / "metrics.csv", newline="") as f:
+        losses = [float(r["value"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    head = torch.load(run_dir / "downstream.pt", map_location="cpu", weights_only=True)["model"]
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(head.items()))).hexdigest()[:16]
+    return {res["metric"]: res["value"], "cer": res["metrics"].get("cer"), "last_train_loss": losses[-1],
+            "head_sha256": digest,
+            "predictions_sha256": hashlib.sha256((run_dir / "test_predictions.tsv").read_bytes()).hexdigest()[:16]}
+
+
 class Checks:
     """Named checks of one scenario: `ok` is their conjunction."""
 
@@ -155,8 +169,7 @@ def baseline(work: Path) -> tuple[Path, dict]:
     info = local.wait()
     run_dir, res = local.result()
     assert info["rc"] == 0 and res["status"] == "ok", local.log.read_text()[-3000:]
-    return run_dir, info | {"metrics": {k: res["metrics"][k] for k in ("wer", "cer", "dev_wer", "best_step")
-                                        if k in res["metrics"]}}
+    return run_dir, info | {"numbers": fingerprint(run_dir)}
 
 
 def requeue(work: Path, base: Path) -> dict:
@@ -183,7 +196,7 @@ def requeue(work: Path, base: Path) -> dict:
     check("it ended with the numbers of an uninterrupted run", comparable(run_dir) == comparable(base))
     return {"command": info["command"], "job": final, "stopped_at_step": stopped,
             "requeued_after_s": round(t_requeue - s.t0, 1), "wall_s": info["wall_s"],
-            "resumed_from_step": res["metrics"]["resumed_from_step"]} | check.summary()
+            "resumed_from_step": res["metrics"]["resumed_from_step"], "numbers": fingerprint(run_dir)} | check.summary()
 
 
 def timeout(work: Path, base: Path) -> dict:
@@ -202,7 +215,7 @@ def timeout(work: Path, base: Path) -> dict:
     check("each limit stopped the training at a step boundary (SIGUSR2) or before it started", len(stops) >= 1)
     check("it ended with the numbers of an uninterrupted run", comparable(run_dir) == comparable(base))
     return {"command": info["command"], "job": final, "stopped_at_steps": stops, "wall_s": info["wall_s"],
-            "resumed_from_step": res["metrics"]["resumed_from_step"]} | check.summary()
+            "resumed_from_step": res["metrics"]["resumed_from_step"], "numbers": fingerprint(run_dir)} | check.summary()
 
 
 def failure(work: Path) -> dict:
