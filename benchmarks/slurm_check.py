@@ -7,8 +7,8 @@ qspeech wrote, and compares the numbers with the same runs done locally:
   requeue    a longer training requeued mid-way with `scontrol requeue` (SLURM sends SIGTERM): the job saves
              its state, is requeued, resumes from the step it stopped at and ends with the numbers of an
              uninterrupted local run
-  timeout    the same training under a 2-minute limit (submitit's SIGUSR2 60 s before it): requeued at each
-             limit until done, the same numbers again
+  timeout    a training of about 150 s (sized from the baseline's speed) under a 2-minute limit (submitit's
+             SIGUSR2 60 s before it): requeued at each limit until done, the numbers of the same run done locally
   failure    a run with a bad override: rejected before submission when the config says so (bits=5); a path
              the job cannot read fails the job once (no requeue) with one line in its log, failed in the report
 
@@ -21,6 +21,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -200,22 +201,30 @@ def requeue(work: Path, base: Path) -> dict:
 
 
 def timeout(work: Path, base: Path) -> dict:
-    print("timeout: the long training under a 2-minute limit, requeued at each limit", flush=True)
+    """A training sized to outlast its first 2-minute slot whatever the machine's load: about 150 s of steps at the
+    speed the baseline measured, run through SLURM and, at the same time, locally (its uninterrupted twin)."""
+    train_s = json.loads((base / "result.json").read_text())["metrics"]["train_wall_s"]
+    steps = max(400, math.ceil(300 / train_s * 150 / 100) * 100)
+    args = [a for a in LONG if not a.startswith("train.max_steps=")] + [f"train.max_steps={steps}"]
+    print(f"timeout: a {steps}-step training under a 2-minute limit, requeued at each limit", flush=True)
     check = Checks()
-    s = Sweep(work / "timeout", ["-m", *LONG, *LAUNCHER, "hydra.launcher.timeout_min=2",
-                                 "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=6"])
-    info = s.wait(timeout=1800)
+    local = Sweep(work / "timeout_local", args)
+    s = Sweep(work / "timeout", ["-m", *args, *LAUNCHER, "hydra.launcher.timeout_min=2",
+                                 "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=10"])
+    local_info, info = local.wait(timeout=2400), s.wait(timeout=2400)
     [d] = s.job_dirs()
     final, log = job(d.name), s.job_log(d.name)
     run_dir, res = s.result()
     stops = [int(x.split("/")[0]) for x in log.split("stopped by SIGUSR2 at step ")[1:]]
-    check("the sweep command exits 0", info["rc"] == 0)
+    check("the sweep command and the local run exit 0", info["rc"] == 0 and local_info["rc"] == 0)
     check("the job was requeued at its time limit and COMPLETED",
           int(final["Restarts"]) >= 1 and final["JobState"] == "COMPLETED")
-    check("each limit stopped the training at a step boundary (SIGUSR2) or before it started", len(stops) >= 1)
-    check("it ended with the numbers of an uninterrupted run", comparable(run_dir) == comparable(base))
+    check("a limit stopped the training at a step boundary (SIGUSR2) and the job resumed from it",
+          len(stops) >= 1 and res["metrics"]["resumed_from_step"] in (stops[-1], steps) and "Traceback" not in log)
+    check("it ended with the numbers of an uninterrupted run", comparable(run_dir) == comparable(local.result()[0]))
     return {"command": info["command"], "job": final, "stopped_at_steps": stops, "wall_s": info["wall_s"],
-            "resumed_from_step": res["metrics"]["resumed_from_step"], "numbers": fingerprint(run_dir)} | check.summary()
+            "resumed_from_step": res["metrics"]["resumed_from_step"], "numbers": fingerprint(run_dir),
+            "local": local_info | {"numbers": fingerprint(local.result()[0])}} | check.summary()
 
 
 def failure(work: Path) -> dict:
