@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from test_distributed import CFG, Toy, _free_port, _two_ranks
 from test_loop import Regression, _cfg, _weights
 
+from qspeech import distributed
 from qspeech.errors import TrainingError
+from qspeech.train import fit
 from qspeech.loop import load_state, run
 from qspeech.preemption import Preempted, stop, watch
 
@@ -48,6 +52,30 @@ def test_loop_saves_at_the_step_boundary_and_resumes_to_the_same_weights(tmp_pat
     res = run(resumed, _cfg(tmp_path / "b"))
     assert res.resumed_from == 5 and res.steps == 12
     assert all(torch.equal(a, b) for a, b in zip(_weights(base), _weights(resumed)))
+
+
+def _signalled_rank(r: int, world: int, port: int, tmp: Path) -> None:
+    """A rank of a two-rank fit of test_distributed's toy; rank 1 alone gets SIGUSR2 after step 12."""
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        fit(Toy(0.3), CFG, seed=0, state_dir=tmp / "state", run_dir=tmp / f"run{r}", progress=False,
+            on_step=_signal_at(12, signal.SIGUSR2) if r == 1 else None)
+    except Preempted as e:
+        (tmp / f"preempted{distributed.rank()}.txt").write_text(str(e))
+
+
+def test_two_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
+    """Under torchrun the ranks agree on the stop (a rank alone would leave the others waiting in a collective):
+    both stop after step 12, rank 0 writes the state, and the resumed run equals an uninterrupted one."""
+    whole = _two_ranks(tmp_path / "whole", dropout=0.3)
+    mp.start_processes(_signalled_rank, args=(2, _free_port(), tmp_path / "pre"), nprocs=2, start_method="fork")
+    stops = [(tmp_path / "pre" / f"preempted{r}.txt").read_text() for r in range(2)]
+    assert all(t.startswith("stopped by SIG") and "at step 12/30" in t for t in stops), stops
+    assert torch.load(tmp_path / "pre" / "state" / "ranks2" / "last.pt", weights_only=True)["step"] == 12
+    resumed = _two_ranks(tmp_path / "pre", dropout=0.3)
+    assert resumed["resumed_from"] == 12 and resumed["history"] == whole["history"]
+    assert all(torch.equal(v, whole["weights"][k]) for k, v in resumed["weights"].items())
 
 
 def test_a_signal_the_loop_did_not_act_on_goes_to_the_previous_handler():
