@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 S3PRL   ?= s3prl==0.4.18
 
-.PHONY: install test test-all demo report assets bench superb gpu-check gpu-wheels clean-outputs
+.PHONY: install test test-all demo report assets bench superb gpu-check gpu-wheels slurm-check clean-outputs
 
 $(BIN)/qspeech: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: install
 # The prepared GPU check (benchmarks/gpu_check.py): CUDA training path + CUDA speed variants, one JSON.
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py --out outputs/gpu_check.json
+
+# The SLURM check (opt-in: root on a Debian machine; installs slurm-wlm and munge): a one-node cluster on localhost,
+# a four-job sweep, a requeued job, a timed-out job and a failing job through it, then teardown; one JSON.
+slurm-check: install
+	$(BIN)/pip install -q -e ".[slurm]"
+	PYTHON=$(BIN)/python benchmarks/slurm_check.sh --out outputs/slurm_check.json
 
 # For a GPU machine without network whose Python 3.12 has torch: the wheels it lacks, into .whl/ (21 MiB).
 gpu-wheels: install

@@ -26,6 +26,8 @@ from qspeech.completion import hide_schemas, split_line
 from qspeech.config import CONF_DIR, to_typed
 from qspeech.data import prepare
 from qspeech.errors import QSpeechError
+from qspeech.loggers import mark_sweep
+from qspeech.preemption import Preempted, stop
 from qspeech.hydra_setup import (completion_mode, flag_error, hydra_args, hydra_defaults, quiet, register_resolvers,
                                  store_settings)
 from qspeech.pretrain import build_assets, distilhubert, hubert
@@ -87,6 +89,8 @@ def _job(fn: Callable[[object, Path], object], failures: list[BaseException]) ->
                 return fn(to_typed(cfg), run_dir)
             except ModuleNotFoundError as e:
                 raise _missing_package(e) or e
+            except Preempted as p:  # requeued by submitit, or exits; a job it gives up on fails here
+                raise stop(p) from None
         except QSpeechError as e:
             print(f"qspeech: error: {e}", file=sys.stderr)
             failures.append(e)
@@ -115,6 +119,8 @@ def launch(config_name: str, command: str, argv: list[str], fn: Callable[[object
             precheck(config_name, overrides, check_outputs=not prints_only)
     except QSpeechError as e:
         fail(str(e))
+    if any(f in ("-m", "--multirun") for f in flags):  # the jobs' group in W&B (qspeech.loggers)
+        mark_sweep(command)
     failures: list[BaseException] = []
     main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(_job(fn, failures))
     # Hydra's parser: overrides first, then flags. argv[0] names the program in Hydra's completion script,

@@ -6,7 +6,8 @@ optimizer update with gradient clipping, the NaN/inf guard, the progress bar and
 log averages sent to the experiment logger (qspeech.loggers), periodic evaluation, and the resumable state: one format, written atomically, read with weights_only=True, from
 which a killed run continues to exactly the numbers of an uninterrupted one on CPU. With LoopConfig.distributed
 the job trains on torchrun's ranks (qspeech.distributed): one update from every rank's shard, rank 0 alone
-logging, evaluating and writing the state (which holds every rank's RNG state).
+logging, evaluating and writing the state (which holds every rank's RNG state). A scheduler's stop signal
+(qspeech.preemption) saves the state at the next step boundary and raises Preempted.
 
     class Regression(Job):
         def __init__(self, model, data):
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from qspeech.atomic import torch_save_atomic
-from qspeech import distributed, loggers
+from qspeech import distributed, loggers, preemption
 from qspeech.errors import TrainingError
 from qspeech.seeding import rng_state, seed_everything, set_rng_state
 
@@ -293,6 +294,14 @@ class _Run:
                            "log_interval": {"sums": dict(self.avg.sums), "n": self.avg.n}, **ranks, **job.state()},
                           self.cfg.state_path)
 
+    def preempted(self, signals: preemption.Watch) -> preemption.Preempted:
+        """A stop signal arrived: the state is saved at this step boundary; the exception that ends the run."""
+        where = f"at step {self.step}/{self.cfg.total} of {self.cfg.desc}"
+        if self.cfg.state_path is not None:
+            self.save()
+            where += f" (state saved in {self.cfg.state_path})"
+        return signals.preempted(where)
+
     def after_step(self, out: Step, gnorm: float | None, bar) -> None:
         """Logging, evaluation and the checkpoint, each on its schedule."""
         cfg, job, step = self.cfg, self.job, self.step
@@ -341,13 +350,18 @@ def run(job: Job, cfg: LoopConfig) -> LoopResult:
     bar = tqdm(total=cfg.total, initial=r.step, desc=cfg.desc, disable=not (cfg.progress and r.main),
                dynamic_ncols=True, leave=False, mininterval=1 if os.isatty(2) else 30)
     # progress lines printed through the bar, not across it
-    with logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext():
-        _loop(job, cfg, r, bar)
+    with logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext(), preemption.watch() as signals:
+        _loop(job, cfg, r, bar, signals)
     wall_this = time.perf_counter() - r.t_start
     return LoopResult(r.step, r.resumed_from, r.wall_s + wall_this, wall_this, r.step_s, r.items, r.last)
 
 
-def _loop(job: Job, cfg: LoopConfig, r: _Run, bar) -> None:
+def _stop_requested(cfg: LoopConfig, signals: preemption.Watch) -> bool:
+    """A stop signal reached this process; distributed: any rank, so that every rank stops at the same step."""
+    return any(distributed.all_gather(signals.requested)) if cfg.distributed else signals.requested
+
+
+def _loop(job: Job, cfg: LoopConfig, r: _Run, bar, signals: preemption.Watch) -> None:
     try:
         while r.step < cfg.total:
             t0 = time.perf_counter()
@@ -361,6 +375,8 @@ def _loop(job: Job, cfg: LoopConfig, r: _Run, bar) -> None:
             r.step_s += time.perf_counter() - t0
             r.items += out.items
             r.after_step(out, gnorm, bar)
+            if _stop_requested(cfg, signals):  # SIGTERM / SIGUSR1 / SIGUSR2 (qspeech.preemption): save, stop, be requeued
+                raise r.preempted(signals)
             if cfg.stop_after is not None and r.step >= cfg.stop_after:
                 break
     finally:

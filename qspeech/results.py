@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from qspeech.atomic import write_json_atomic  # noqa: F401  (results files are written atomically)
 from qspeech.cost import CostReport
+from qspeech.preemption import Preempted
 from qspeech.records import Record, optional, transient
 from qspeech.tasks.metrics import TaskMetrics
 
@@ -29,7 +30,7 @@ class RunResult(Record):
     bits: int
     task: str
     data: str = ""
-    status: str  # running | ok | failed
+    status: str  # running | ok | failed | preempted (stopped by a signal with its state saved: rerun to resume)
     git_commit: str | None = None  # the qspeech checkout's commit, -dirty with local changes
     started: str | None = None  # ISO 8601, UTC
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config
@@ -67,6 +68,14 @@ class RunResult(Record):
 
     def fail(self, error: str) -> None:
         self.status, self.error = "failed", error
+
+    def interrupted(self, e: BaseException) -> None:
+        """The run stopped on `e` before finishing: preempted (qspeech.preemption: its state is saved, the
+        requeued job or a rerun resumes it) or failed."""
+        if isinstance(e, Preempted):
+            self.status, self.error = "preempted", str(e)
+        else:
+            self.fail(f"{type(e).__name__}: {e}")
 
     def finish(self, finished: str, timings: dict[str, float]) -> None:
         self.finished, self.timings = finished, {k: round(v, 3) for k, v in timings.items()}

@@ -113,8 +113,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool) -> RunResult:
         if err is None:
             raise
         raise err from None
-    except BaseException as e:  # KeyboardInterrupt included: the result says the run did not finish
-        result.fail(f"{type(e).__name__}: {e}")
+    except BaseException as e:  # KeyboardInterrupt, a scheduler's stop: the result says the run did not finish
+        result.interrupted(e)
         raise
     finally:
         timings["wall_s"] = time.perf_counter() - t_start

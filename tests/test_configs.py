@@ -167,7 +167,7 @@ def test_every_key_is_typed(name, overrides):
     ("data.kind=nope", "data.kind=nope is unknown"),
     ("cost.seconds=0", "cost.seconds"),
     ("bench.bits=[4,5]", "bench.bits"),
-    ("logger=csv logger.name=wandb", "logger.name=wandb"),
+    ("logger=csv logger.name=neptune", "logger.name=neptune"),
     ("optimized_metric=wer", "never a test score"),
     ("optimized_metric=[dev,value]", "optimized_metric"),
 ])
@@ -197,3 +197,17 @@ def test_typed_from_a_mapping_checks_like_composition():
     with pytest.raises(ConfigError, match="unknown data.kind"):
         data_config({"name": "x", "kind": "nope"})
     assert data_config({"name": "m", "kind": "mini"}) == DataConfig(name="m")
+
+
+@pytest.mark.parametrize("launcher", sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml")))
+def test_launcher_configs_compose_on_the_submitit_plugin(launcher):
+    # conf/hydra/launcher/ builds on Hydra's submitit launcher (the `slurm` extra; the `test` extra has it)
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "experiment=smoke"], return_hydra_config=True)
+    la = cfg.hydra.launcher
+    assert la._target_.endswith("SlurmLauncher")
+    assert la.max_num_timeout > 0 and la.timeout_min > 0 and la.signal_delay_s > 0  # requeued at the limit
+    assert la.cpus_per_task and la.mem_gb and la.array_parallelism
+    assert (la.gpus_per_node is None) == launcher.endswith("_cpu")
+    assert isinstance(to_typed(cfg), RunConfig)

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "qspeech"
 # Within the stages the order is a chain (e.g. tasks may import data, data may not import tasks).
 LAYERS = [
     ("leaves", ["qspeech", "qspeech.errors", "qspeech.atomic", "qspeech.seeding", "qspeech.paper", "qspeech.checks",
-                "qspeech.records", "qspeech.identity", "qspeech.distributed"]),
+                "qspeech.records", "qspeech.identity", "qspeech.distributed", "qspeech.preemption"]),
     ("quant core", ["qspeech.quant"]),
     ("loggers", ["qspeech.loggers"]),
     ("loop", ["qspeech.loop"]),

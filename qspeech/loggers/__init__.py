@@ -1,5 +1,5 @@
 """Experiment loggers: where a run's training curves and final metrics go, besides result.json and the
-task's metrics.csv. The `logger` config group picks one: csv (default), tensorboard or mlflow.
+task's metrics.csv. The `logger` config group picks one: csv (default), tensorboard, mlflow or wandb.
 
 The CLI opens one for each `qspeech run` (`session`) and makes it the active logger; every training loop
 of that run (qspeech.loop: the downstream head, QAT distillation) sends its train loss, learning rate and
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +27,24 @@ KINDS = {
     "csv": ("csv_logger", None, None),
     "tensorboard": ("tensorboard_logger", "tensorboard", "pip install 'qspeech[tensorboard]'"),
     "mlflow": ("mlflow_logger", "mlflow", "pip install 'qspeech[mlflow]'"),
+    "wandb": ("wandb_logger", "wandb", "pip install 'qspeech[wandb]'"),
 }
+# The sweep a job belongs to (set by `qspeech run -m`, inherited by launcher workers and SLURM jobs): W&B's group
+SWEEP_ENV = "QSPEECH_SWEEP"
 
-__all__ = ["KINDS", "LoggerConfig", "MetricLogger", "active", "check_available", "flatten", "open_logger",
-           "session"]
+__all__ = ["KINDS", "SWEEP_ENV", "LoggerConfig", "MetricLogger", "active", "check_available", "flatten", "mark_sweep",
+           "open_logger", "session"]
 
 
 @dataclass
 class LoggerConfig:
     """The `logger` group; the defaults are conf/logger/csv.yaml (the default option)."""
 
-    name: str = "csv"  # csv | tensorboard | mlflow
-    # mlflow: where runs are tracked; null: a file store in <run folder>/mlruns (sqlite:///..., http://...)
+    name: str = "csv"  # csv | tensorboard | mlflow | wandb
+    # mlflow: where runs are tracked; null: a file store in <run folder>/mlruns (sqlite:///..., http://...);
+    # wandb: the W&B server; null: W&B's default (WANDB_BASE_URL)
     tracking_uri: str | None = None
-    experiment: str = "qspeech"  # mlflow's experiment name
+    experiment: str = "qspeech"  # mlflow's experiment name, W&B's project
 
     def __post_init__(self):
         choice(self, "name", tuple(KINDS))
@@ -64,6 +70,11 @@ def check_available(cfg: LoggerConfig) -> None:
     _, package, install = KINDS[cfg.name]
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError(f"logger={cfg.name} needs the {package} package, which is not installed: {install}")
+
+
+def mark_sweep(command: str) -> None:
+    """Name the sweep this process starts, for its jobs (SWEEP_ENV), unless a parent process already did."""
+    os.environ.setdefault(SWEEP_ENV, f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
 def open_logger(cfg: LoggerConfig, run_dir: Path, run_name: str) -> MetricLogger:
