@@ -19,6 +19,12 @@ What it does:
 2. bench: HuBERT Base (random weights) forward on --batch x --seconds of audio: torch fp32, TF32, fp16, bf16
    (autocast and a bf16 model), and torchao's int8 / int4 weight-only kernels where torchao imports; median ms
    over --repeats after --warmup, speedup against fp32, max abs error of the last hidden state against fp32.
+3. qat: --qat-steps steps of BiT-style 2-bit distillation of the upstream on the device under bf16 autocast
+   (qspeech.quantize_upstream with the run's placement): seconds per step, the losses, where the tensors were.
+4. lstm: the ASR head's BiLSTM (1024 x 2 directions) on the device: cuDNN's fused bidirectional kernel against
+   the two-pass path, same parameters: max difference, milliseconds each, the output dtype under bf16 autocast.
+5. ddp: with more than one GPU, the smoke recipe through `torchrun --nproc_per_node=2` (skipped otherwise).
+The training check's DataLoader has 2 workers (train.num_workers=2), pinned memory on CUDA.
 `--device cpu --model tiny_hubert` runs the same code on the CPU (the tests do, so the script cannot rot).
 """
 
@@ -65,7 +71,7 @@ def train_check(args, device: torch.device, work: Path) -> dict:
            "data=mini", "train=superb", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
            f"train.log_every={max(1, args.steps // 10)}", "train.cache_features=false",
            f"train.device={device.type}", f"data.mini.n_train={args.n_train}", f"data.mini.n_dev={args.n_eval}",
-           f"data.mini.n_test={args.n_eval}", "export=false", f"hydra.run.dir={run_dir}"]
+           f"data.mini.n_test={args.n_eval}", "train.num_workers=2", "export=false", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "QSPEECH_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     t0 = time.perf_counter()
@@ -242,6 +248,82 @@ def _keep_only(src: Path, dst: Path, keep) -> None:
             zout.writestr(info, data)
 
 
+# ------------------------------------------------------------------------------------------------ qat, lstm, ddp
+def _upstream(args, device):
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from qspeech.checks import typed
+    from qspeech.upstream import build_upstream
+    from qspeech.upstream.config import ModelConfig
+
+    mcfg = typed(ModelConfig, OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml"), "model")
+    return build_upstream(dataclasses.replace(mcfg, init="random"))
+
+
+def qat_check(args, device: torch.device, work: Path) -> dict:
+    """A few distillation steps on the device under bf16 autocast: seconds per step, finite losses."""
+    import numpy as np
+    import soundfile as sf
+
+    from qspeech.quant import quant_config
+    from qspeech.quantize_upstream import Placement, prepare_quantized_upstream
+
+    rng = np.random.default_rng(0)
+    audio = []
+    for i in range(8):
+        audio.append(str(work / f"qat_{i}.wav"))
+        sf.write(audio[-1], (0.1 * rng.standard_normal(16000 * 6)).astype("float32"), 16000)
+    up = _upstream(args, device)
+    cfg = quant_config("bit", steps=args.qat_steps, batch_size=4, max_seconds=4.0, targets=["linear", "cnn"])
+    place = Placement(device, lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+    t0 = time.perf_counter()
+    prepare_quantized_upstream(up, cfg, 2, audio, None, work / "qat_run", progress=False, placement=place)
+    wall = time.perf_counter() - t0
+    info = json.loads((work / "qat_run" / "quant_distill.json").read_text())
+    stage = info["stages"][0]
+    return {"steps": args.qat_steps, "wall_s": round(wall, 1), "s_per_step": round(stage["seconds"] / args.qat_steps, 3),
+            "loss_first": stage["loss_first"], "loss_last": stage["loss_last"], "batch": "4 x 4 s"}
+
+
+def lstm_check(args, device: torch.device) -> dict:
+    """SUPERB's BiLSTM layer (1024 in, 1024 per direction) fused vs two-pass on `device`."""
+    from qspeech.tasks.rnn import BiLSTM
+
+    torch.manual_seed(0)
+    d = 1024 if device.type == "cuda" else 64  # the CPU dry run checks the path, not the speed
+    two, fused = BiLSTM(d, d, fused=False).to(device), BiLSTM(d, d, fused=True).to(device)
+    fused.load_state_dict(two.state_dict())
+    x = torch.randn(8, 600, d, device=device)
+    lens = torch.tensor([600, 580, 550, 500, 450, 400, 350, 300], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {}
+    with torch.no_grad():
+        diff = (two(x, lens) - fused(x, lens)).abs().max().item()
+        for name, m in (("two_pass", two), ("fused", fused)):
+            out[f"{name}_ms"] = round(statistics.median(_time(lambda: m(x, lens), sync, 1, max(3, args.repeats // 4))), 2)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            dtype = str(fused(x, lens).dtype)
+    return {**out, "max_abs_diff": diff, "fused_dtype_under_bf16_autocast": dtype, "shape": f"8 x 600 x {d}"}
+
+
+def ddp_check(args, work: Path) -> dict:
+    """The smoke recipe on 2 GPUs through torchrun (a process per GPU, NCCL)."""
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU(s) visible; DDP needs 2"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "qspeech", "run",
+           "experiment=smoke", "train.max_steps=20", "train.eval_every=10", f"hydra.run.dir={work / 'ddp_run'}"]
+    env = {**os.environ, "QSPEECH_CACHE": str(work / "cache"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    out = {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    if proc.returncode != 0:
+        out["error"] = (proc.stderr or proc.stdout)[-2000:]
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/gpu_check.json")
@@ -255,7 +337,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--skip", choices=("train", "bench"), action="append", default=[])
+    ap.add_argument("--qat-steps", type=int, default=10)
+    ap.add_argument("--skip", choices=("train", "bench", "qat", "lstm", "ddp"), action="append", default=[])
     ap.add_argument("--prepare-wheels", metavar="DIR", help="only download the GPU image's missing wheels into DIR")
     args = ap.parse_args(argv)
     if args.prepare_wheels:
@@ -275,6 +358,14 @@ def main(argv=None) -> dict:
         if "bench" not in args.skip:
             print("[gpu_check] speed variants ...", flush=True)
             report["bench"] = bench_check(args, device)
+        for name, check in (("qat", lambda: qat_check(args, device, Path(work))), ("lstm", lambda: lstm_check(args, device)),
+                            ("ddp", lambda: ddp_check(args, Path(work)))):
+            if name not in args.skip:
+                print(f"[gpu_check] {name} ...", flush=True)
+                try:
+                    report[name] = check()
+                except Exception as e:  # noqa: BLE001 - one failed check must not lose the others' numbers
+                    report[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     from qspeech.atomic import write_json_atomic
 
@@ -285,6 +376,9 @@ def main(argv=None) -> dict:
     for name, r in report.get("bench", {}).get("variants", {}).items():
         print(f"  {name:28s} {r.get('ms', '-'):>10} ms  x{r.get('speedup_vs_fp32', '-')}  "
               f"err {r.get('max_abs_err', r.get('error', '-'))}")
+    for name in ("qat", "lstm", "ddp"):
+        if name in report:
+            print(f"  {name}: {report[name]}")
     if "train" in report:
         t = report["train"]
         print(f"  train: rc={t['returncode']} wall {t['wall_s']} s" + (f" error: {t['error'][-300:]}" if "error" in t else ""))

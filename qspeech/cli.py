@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qspeech import bench, cost_command, demo, distributed, export, report, runner
+from qspeech import bench, cache_admin, cost_command, demo, distributed, export, report, runner
 from qspeech import search  # also registers the search schema and the resolver naming its folder
 from qspeech.completion import hide_schemas, split_line
 from qspeech.config import CONF_DIR, to_typed
@@ -57,9 +57,11 @@ commands:
   distill    DistilHuBERT distillation of tiny_hubert into tiny_distilhubert
   assets     rebuild the packaged tiny checkpoints with their recorded settings
   demo       the paper's study in miniature on the offline default, then the report
+  cache      list | prune the shared cache (features, distilled students, head states, corpora) by size and age
 
 Hydra commands accept `--help`, `--cfg job`, `-m/--multirun` and overrides such as `model=wavlm bits=4`,
-in any order. Config groups: model, quant, task, data, train, logger, experiment, hparams_search (see
+in any order. Config groups: model, quant, task, data, train, eval_data, quant_audio, logger, experiment,
+hparams_search (see
 `qspeech run --help`); `bits` is one of 1, 2, 3, 4, 8, 16, 32.
 Tab completion: eval "$(qspeech -sc install=bash)".
 """
@@ -138,6 +140,10 @@ def _data(cfg, run_dir: Path) -> dict:
     return summary
 
 
+def _cache(argv: list[str]) -> None:
+    print(cache_admin.main(argv))
+
+
 def _report(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="qspeech report", description="Collect result.json files into a table.")
     p.add_argument("--outputs", default="outputs", help="folder searched for result.json (default: outputs)")
@@ -156,7 +162,7 @@ HYDRA_COMMANDS = {
     "distill": ("distill", lambda cfg, run_dir: distilhubert.main(cfg)),
     "search": ("search", search.main),
 }
-PLAIN_COMMANDS = {"report": _report, "assets": build_assets, "demo": demo.main}
+PLAIN_COMMANDS = {"report": _report, "assets": build_assets, "demo": demo.main, "cache": _cache}
 
 
 def _complete(argv: list[str]) -> None:

@@ -49,7 +49,8 @@ def _conf_dir() -> Path:
 
 
 CONF_DIR = _conf_dir()
-GROUPS = ("model", "quant", "task", "data", "train", "eval_data", "experiment", "logger", "hparams_search")
+GROUPS = ("model", "quant", "task", "data", "train", "eval_data", "quant_audio", "experiment", "logger",
+          "hparams_search")
 BITS = (1, 2, 3, 4, 8, 16, 32)
 # What a sweeper may optimise (optimized_metric): a dev score, or the accounting of result.json. Never a test
 # score: the test set is reported once, for the configuration the dev set chose.
@@ -107,6 +108,9 @@ class RunConfig:
     task: TaskConfig = MISSING
     # A second test set scored by the trained head after the run (conf/eval_data/); None = none.
     eval_data: Optional[DataConfig] = None
+    # The audio QAT distils on (conf/quant_audio/; its training split); None = the head's data. The paper distils
+    # every task's upstream on LibriSpeech, so KS, SID and IC share one student with quant_audio=librispeech.
+    quant_audio: Optional[DataConfig] = None
     # Weight bits of the quantized modules (32 = full precision, no quantization).
     bits: int = 32
     seed: int = 0

@@ -85,9 +85,13 @@ def read_waves(utts: Sequence, indices, read_audio: Callable[[str], np.ndarray])
 
 def run_upstream(upstream, wavs: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad, run the (frozen) upstream without gradients. Returns (B, F, L, D) float32 and frame lengths."""
-    batch, lens = pad_waves(wavs)
+    return forward_padded(upstream, *pad_waves(wavs), device)
+
+
+def forward_padded(upstream, batch: torch.Tensor, lens: torch.Tensor, device: torch.device):
+    """run_upstream on a batch pad_waves already made (e.g. in a DataLoader worker)."""
     with torch.no_grad():  # not inference_mode: live features feed the (trained) featurizer
-        out = upstream(batch.to(device), lens.to(device))
+        out = upstream(batch.to(device, non_blocking=True), lens.to(device))
         stacked = torch.stack([h.float() for h in out.hidden_states], dim=2)
     return stacked, out.lengths.cpu()
 
@@ -170,14 +174,15 @@ class FeatureStore:
         s, off, n = self.meta["index"][i]
         return self.shard(s)[off:off + n]
 
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-padded (B, F, L, D) float32 and frame lengths."""
+    def batch(self, indices: Sequence[int], half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded (B, F, L, D) float32 (half: float16, as stored) and frame lengths."""
         items = [self.get(i) for i in indices]
         lens = torch.tensor([len(x) for x in items], dtype=torch.long)
         out = np.zeros((len(items), int(lens.max()), self.meta["num_hidden"], self.meta["hidden_size"]), np.float16)
         for b, x in enumerate(items):
             out[b, : len(x)] = x
-        return torch.from_numpy(out).float(), lens
+        feats = torch.from_numpy(out)
+        return (feats if half else feats.float()), lens
 
 
 def _pid_alive(pid: int) -> bool:

@@ -3,6 +3,12 @@
 `frame_sources`) and utterance-level ones (KS, SID, IC: `pooled_splits`, each utterance's hidden states
 averaged over its frames once). Each split says how its features were made (`SplitStats`), summarized by
 `summary` for the task's record.
+
+One precision for every split (train.feature_precision, `at_precision`): the upstream runs in float32, or
+under bf16 autocast, whatever autocast the head's training or evaluation runs under, so the head is scored
+on features of the precision it was trained on. A frame source's batch comes in two halves: `load` (read,
+decode and pad on the CPU; a DataLoader worker may run it ahead) and `finish` (to the device, the live
+upstream).
 """
 
 from __future__ import annotations
@@ -84,6 +90,26 @@ class S3PRLLengths:
         return UpstreamOutput(out.hidden_states, s3prl_frame_lengths(wav_lens, self.upstream.downsample_rate, frames))
 
 
+class FeaturePrecision:
+    """The upstream run at one precision whatever autocast surrounds it: fp32 (autocast off inside) or bf16
+    (autocast on); everything else is the upstream's."""
+
+    def __init__(self, upstream, precision: str):
+        self.upstream, self.precision = upstream, precision
+
+    def __getattr__(self, name):
+        return getattr(self.upstream, name)
+
+    def __call__(self, wavs: torch.Tensor, wav_lens: torch.Tensor):
+        with torch.autocast(wavs.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.upstream(wavs, wav_lens)
+
+
+def at_precision(upstream, upstream_key: str, precision: str):
+    """(the upstream at `precision`, its key): bf16 features are cached under a key of their own."""
+    return FeaturePrecision(upstream, precision), upstream_key if precision == "fp32" else f"{upstream_key}|{precision}"
+
+
 class CachedSource:
     """Hidden states from the on-disk feature cache."""
 
@@ -98,9 +124,16 @@ class CachedSource:
     def __len__(self):
         return len(self.utts)
 
+    def load(self, indices):
+        feats, lens = self.store.batch(indices, half=True)  # half the bytes to pin and copy; exact in float32
+        return feats, lens, list(indices)
+
+    def finish(self, payload, device):
+        feats, lens, kept = payload
+        return feats.to(device, non_blocking=True).float(), lens, kept
+
     def batch(self, indices, device):
-        feats, lens = self.store.batch(indices)
-        return feats.to(device, non_blocking=True), lens, list(indices)
+        return self.finish(self.load(indices), device)
 
     def stats(self) -> SplitStats:
         rate = self.store.meta.get("upstream_utts_per_s")
@@ -120,19 +153,29 @@ class LiveSource:
     def __len__(self):
         return len(self.utts)
 
-    def batch(self, indices, device):
+    def load(self, indices):
+        """(padded waveforms, lengths, indices read, [(path, reason)] of the unreadable ones); in a DataLoader
+        worker too, so the skips travel back with the batch."""
         wavs, kept, failed = feature_cache.read_waves(self.utts, indices, self.read_audio)
-        for path, e in failed:
+        failed = [(path, str(e)) for path, e in failed]
+        return (*feature_cache.pad_waves(wavs), kept, failed) if kept else (None, None, kept, failed)
+
+    def finish(self, payload, device):
+        wavs, lens, kept, failed = payload
+        for path, why in failed:
             if path not in self.skipped:
                 self.skipped.append(path)
-                log.warning("skipping unreadable audio %s: %s (%d skipped so far)", path, e, len(self.skipped))
+                log.warning("skipping unreadable audio %s: %s (%d skipped so far)", path, why, len(self.skipped))
         if not kept:
             return None
         t0 = time.perf_counter()
-        feats, lens = feature_cache.run_upstream(self.upstream, wavs, self.device)
+        feats, lens = feature_cache.forward_padded(self.upstream, wavs, lens, self.device)
         self.upstream_s += time.perf_counter() - t0
         self.upstream_utts += len(kept)
         return feats.to(device), lens, kept
+
+    def batch(self, indices, device):
+        return self.finish(self.load(indices), device)
 
     def stats(self) -> SplitStats:
         return SplitStats("off", len(self) - len(self.skipped), self.skipped, (self.upstream_utts, self.upstream_s),
@@ -144,6 +187,7 @@ def frame_sources(upstream, upstream_key: str, utts: dict, data_fps: dict, read_
     """Each split's frame features: CachedSource over the feature cache when it fits (cache_fits), else
     LiveSource running the upstream. s3prl_exact: s3prl's frame lengths in every split, and every split but
     train through the upstream one utterance at a time (cached under a key of their own)."""
+    upstream, upstream_key = at_precision(upstream, upstream_key, trcfg.feature_precision)
     if s3prl_exact:
         upstream, upstream_key = S3PRLLengths(upstream), f"{upstream_key}|s3prl_exact"
     use_cache = cache_fits(upstream, utts, trcfg)
@@ -210,6 +254,7 @@ def pooled_splits(upstream, upstream_key: str, utts: dict, data_fps: dict, read_
                   cache_dir: Path, trcfg, device, progress: bool) -> dict[str, Pooled]:
     """Each split's hidden states averaged over each utterance's frames, from the feature cache when it fits
     (cache_fits), else from the live upstream."""
+    upstream, upstream_key = at_precision(upstream, upstream_key, trcfg.feature_precision)
     use_cache = cache_fits(upstream, utts, trcfg)
     out = {}
     for s, us in utts.items():

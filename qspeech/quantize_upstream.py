@@ -17,6 +17,7 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from qspeech.loop import Job, LoopConfig, Step, run
 from qspeech.quant import clone_model, get_method, quantize_, remove_quantization_, validate_quant_config
 from qspeech.quant.config import DistillConfig, QuantConfig
 from qspeech.quant.targets import select_targets
+from qspeech.train import autocast_ctx, resolve_device
 from qspeech.upstream import fingerprint
 
 log = logging.getLogger(__name__)
@@ -38,25 +40,52 @@ SAMPLE_RATE = 16_000
 CACHE_VERSION = 1
 
 
+class Placement(NamedTuple):
+    """Where distillation runs: the run's device (teacher, student and batches) and its autocast."""
+
+    device: torch.device = torch.device("cpu")
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def run_placement(train_cfg) -> Placement:
+    """The placement of a run's training config: train.device resolved (CUDA when present), train.amp."""
+    device = resolve_device(train_cfg)
+    return Placement(device, lambda: autocast_ctx(train_cfg, device))
+
+
 # ----------------------------------------------------------------------------------- audio
 
 
 class _AudioSampler:
-    """Deterministic batches: step k of stage i always draws the same utterances and crops (resume-safe)."""
+    """Deterministic batches: step k of stage i always draws the same utterances and crops (resume-safe). An
+    unreadable or too short file is skipped (once reported, listed in `skipped`) and another one drawn in its
+    place from the same stream, so the batches stay a function of (stage, step)."""
 
     def __init__(self, paths: list[str], batch_size: int, max_seconds: float, seed: int, keep: int = 512):
         self.paths, self.bs, self.seed = list(paths), int(batch_size), int(seed)
         self.max_len = int(max_seconds * SAMPLE_RATE)
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.keep = keep
+        self.skipped: dict[str, str] = {}  # path -> why
 
-    def _load(self, path):
+    def _load(self, path) -> torch.Tensor | None:
         if path in self.cache:
             self.cache.move_to_end(path)
             return self.cache[path]
-        wav = torch.from_numpy(np.ascontiguousarray(read_audio(path), dtype=np.float32))
-        if wav.numel() < 400:
-            raise DataError(f"audio '{path}' is shorter than 25 ms; remove it from the distillation audio")
+        if path in self.skipped:
+            return None
+        try:
+            wav = torch.from_numpy(np.ascontiguousarray(read_audio(path), dtype=np.float32))
+            if wav.numel() < 400:
+                raise DataError(f"audio '{path}' is shorter than 25 ms")
+        except DataError as e:
+            self.skipped[path] = str(e)
+            log.warning("distillation: skipping unreadable audio %s: %s (%d skipped so far)", path, e,
+                        len(self.skipped))
+            if len(self.skipped) == len(self.paths):
+                raise DataError(f"none of the {len(self.paths)} distillation audio files can be read "
+                                f"(first: {next(iter(self.skipped.values()))})") from None
+            return None
         self.cache[path] = wav
         if len(self.cache) > self.keep:
             self.cache.popitem(last=False)
@@ -68,6 +97,8 @@ class _AudioSampler:
         wavs = []
         for i in idx:
             w = self._load(self.paths[int(i)])
+            while w is None:  # the same stream draws its replacement
+                w = self._load(self.paths[int(rng.integers(0, len(self.paths)))])
             if w.numel() > self.max_len:
                 start = int(rng.integers(0, w.numel() - self.max_len + 1))
                 w = w[start:start + self.max_len]
@@ -88,6 +119,7 @@ def layer_distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
     denom = m.sum().clamp_min(1)
     total = 0.0
     for s, t in zip(student, teacher):
+        s, t = s.float(), t.float()  # under bf16 autocast the hidden states come in bf16
         if kind == "mse":
             per = (s - t).pow(2).mean(-1)
         else:
@@ -157,8 +189,10 @@ class DistillStage(Job):
     the sampler's batches. The student stays in eval mode (no dropout: deterministic, and better for short
     runs; gradients still flow); its CNN trains when some of its modules are quantized."""
 
-    def __init__(self, student, teacher, sampler: _AudioSampler, cfg: DistillConfig, stage: int, bits: int, key: str):
+    def __init__(self, student, teacher, sampler: _AudioSampler, cfg: DistillConfig, stage: int, bits: int, key: str,
+                 placement: Placement = Placement()):
         self.student, self.teacher, self.sampler, self.cfg = student, teacher, sampler, cfg
+        self.placement = placement
         self.stage, self.bits, self.key, self.losses = stage, bits, key, []
         student.eval()
         student.requires_grad_(True)
@@ -172,9 +206,12 @@ class DistillStage(Job):
 
     def step(self, index: int) -> Step:
         wavs, lens = self.sampler.batch(self.stage, index)
-        with torch.no_grad():
-            t = self.teacher(wavs, lens)
-        s = self.student(wavs, lens)
+        device = self.placement.device
+        wavs, lens = wavs.to(device, non_blocking=True), lens.to(device)
+        with self.placement.autocast():
+            with torch.no_grad():
+                t = self.teacher(wavs, lens)
+            s = self.student(wavs, lens)
         loss = layer_distill_loss(s.hidden_states, t.hidden_states, s.lengths, self.cfg.distill_loss,
                                   self.cfg.cos_weight)
         self.losses.append(loss.item())
@@ -195,11 +232,12 @@ class DistillStage(Job):
 
 
 def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: DistillConfig, stage: int, bits: int,
-                   key: str, ckpt: Path | None, progress: bool, label: str | None = None) -> dict:
+                   key: str, ckpt: Path | None, progress: bool, label: str | None = None,
+                   placement: Placement = Placement()) -> dict:
     """Train one stage (resuming from `ckpt` when it holds this stage's state); the student ends frozen.
     label: the stage's name in progress bars and logged curves (default '<bits>bit')."""
     label = label or f"{bits}bit"
-    job = DistillStage(student, teacher, sampler, cfg, stage, bits, key)
+    job = DistillStage(student, teacher, sampler, cfg, stage, bits, key, placement)
     t0 = time.time()
     res = run(job, LoopConfig(
         total=int(cfg.steps), desc=f"distill {cfg.method} {label.replace('bit', '-bit', 1)}", grad_clip=cfg.grad_clip,
@@ -213,7 +251,7 @@ def _distill_stage(student, teacher, sampler: _AudioSampler, cfg: DistillConfig,
 
 
 def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] | None = None,
-                               cache_dir=None, run_dir=None, progress: bool = True):
+                               cache_dir=None, run_dir=None, progress: bool = True, placement: Placement = Placement()):
     """Quantize `upstream` in place for (cfg, bits) and return it frozen (eval, no grad).
 
     PTQ (rtn, kmeans): quantize_. QAT (lsq, bit): distil hidden states of a full-precision copy into the
@@ -248,7 +286,8 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
             return _freeze(upstream)
 
         t0 = time.time()
-        student = _distill(upstream, cfg, bits, audio_paths, key, run_dir, progress, info, cache_dir, source)
+        student = _distill(upstream, cfg, bits, audio_paths, key, run_dir, progress, info, cache_dir, source,
+                           placement)
         quantize_(upstream, cfg, bits)
         upstream.model.load_state_dict(student.model.state_dict())
         info.update(seconds=round(time.time() - t0, 2), from_cache=False)
@@ -260,24 +299,26 @@ def prepare_quantized_upstream(upstream, cfg, bits: int, audio_paths: list[str] 
 
 def quantize_upstream(cfg, upstream, run_dir=None, progress: bool = True):
     """The upstream quantized as the run config says (cfg.quant at cfg.bits); a method that needs audio (QAT)
-    distils on the unlabeled audio of the data's training split. Shared by `qspeech run` and `export`."""
+    distils on the training split of quant_audio (the head's data when null), on the run's device under its
+    autocast. Shared by `qspeech run` and `export`."""
     audio = None
     if int(cfg.bits) < 32 and get_method(cfg.quant.method).needs_audio:
-        audio = [u.path for u in load_split(cfg.data, "train", cfg.cache_dir)]
+        audio = [u.path for u in load_split(cfg.quant_audio or cfg.data, "train", cfg.cache_dir)]
     return prepare_quantized_upstream(upstream, cfg.quant, int(cfg.bits), audio, cfg.cache_dir,
-                                      run_dir=run_dir, progress=progress)
+                                      run_dir=run_dir, progress=progress, placement=run_placement(cfg.train))
 
 
 def _distill(upstream, cfg: DistillConfig, bits: int, audio_paths: list[str], key: str, run_dir: Path | None,
-             progress: bool, info: dict, cache_dir, source: dict):
+             progress: bool, info: dict, cache_dir, source: dict, placement: Placement):
     """The method's distillation stages (bit at 1 bit: FP -> 2-bit -> 1-bit; bit_exact: W1A4 -> W1A2 -> W1A1),
     each stage's teacher the previous stage's student; returns the last student and records the stages in
     info["stages"]. A stage before the last is cached under cache_dir by its chain: the 1-bit chain's 2-bit
-    stage is the 2-bit run's student (same key, same file), so a sweep over bits distils it once."""
+    stage is the 2-bit run's student (same key, same file), so a sweep over bits distils it once. Teacher,
+    students and batches live on placement.device; the upstream itself stays where it is."""
     sampler = _AudioSampler(audio_paths, cfg.batch_size, cfg.max_seconds, cfg.seed)
     method = get_method(cfg.method)
     plan = method.distill_plan(cfg, bits)
-    teacher = _freeze(clone_model(upstream))
+    teacher = _freeze(clone_model(upstream).to(placement.device))
     previous, stage_key = None, None
     info["stages"] = []
     for i, (b, stage_cfg) in enumerate(plan):
@@ -288,7 +329,7 @@ def _distill(upstream, cfg: DistillConfig, bits: int, audio_paths: list[str], ke
         else:  # the next student starts from the previous student's latent weights
             student = clone_model(previous)
             remove_quantization_(student.model, keep="latent")
-        quantize_(student, stage_cfg, b)
+        quantize_(student, stage_cfg, b).to(placement.device)
         # a stage that differs from the run's config in more than its bits names its activation bits too
         act = f"_a{stage_cfg.act_bits}" if stage_cfg is not cfg else ""
         ckpt = run_dir / "quant_ckpt" / f"stage{i}_b{b}{act}.pt" if run_dir else None
@@ -305,9 +346,9 @@ def _distill(upstream, cfg: DistillConfig, bits: int, audio_paths: list[str], ke
                 log.info("stage %d (%d-bit): loaded the distilled student from %s", i, b, shared)
             else:
                 record = _distill_stage(student, teacher, sampler, stage_cfg, i, b, key, ckpt, progress,
-                                        f"{b}bit{act}")
+                                        f"{b}bit{act}", placement)
                 if shared is not None:
-                    torch_save_atomic({"model": student.model.state_dict(),
+                    torch_save_atomic({"model": _cpu(student.model.state_dict()),
                                        "info": {"key": stage_key, "method": cfg.method, "bits": b,
                                                 "stages": [{**record, "stage": 0}], "seconds": record["seconds"],
                                                 "from_cache": False}}, shared)
@@ -315,7 +356,13 @@ def _distill(upstream, cfg: DistillConfig, bits: int, audio_paths: list[str], ke
             record["act_bits"] = int(stage_cfg.act_bits)
         info["stages"].append(record)
         teacher, previous = student, student
+    info["skipped_audio"] = sorted(sampler.skipped)
     return previous
+
+
+def _cpu(state: dict) -> dict:
+    """A state dict with CPU tensors (the cache is device-independent; a no-op for a CPU model)."""
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def _write_info(run_dir: Path | None, info: dict) -> None:

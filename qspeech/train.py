@@ -57,6 +57,11 @@ class TrainConfig:
     cache_max_gb: float = runtime(20.0)
     feature_batch_s: float = runtime(60.0)  # seconds of (padded) audio per upstream forward when extracting
     eval_batch_size: int = runtime(32)
+    # DataLoader worker processes that read, decode and pad training batches ahead of the step (pinned memory on
+    # CUDA); 0: in the training process. Results are the same either way.
+    num_workers: int = runtime(0)
+    # The upstream's features in every split: fp32, or bf16 (autocast on the upstream alone; cached apart).
+    feature_precision: str = "fp32"
     num_threads: int | None = runtime(None)  # torch CPU threads; null: torch's default
 
     def __post_init__(self):
@@ -75,6 +80,8 @@ class TrainConfig:
         number(self, "feature_batch_s", 0, lo_open=True)
         choice(self, "resume", (True, False))
         integer(self, "num_threads", 1, optional=True)
+        integer(self, "num_workers", 0)
+        choice(self, "feature_precision", ("fp32", "bf16"))
 
     def resume_identity(self) -> dict:
         """What a head's resumable training state depends on (its resume key): the result fields but the
@@ -182,6 +189,40 @@ def epoch_batches(lengths: Sequence[float], cfg: TrainConfig, seed: int, epoch: 
 METRICS_FIELDS = ["step", "split", "metric", "value"]  # metrics.csv: one row per logged value
 
 
+class _TrainBatches(torch.utils.data.Dataset):
+    """A task's training batches by index list (the DataLoader's sampler yields whole batches)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __getitem__(self, indices):
+        return self.task.load_batch(indices, "train") if indices else None
+
+
+class _BatchStream:
+    """Every training batch from (epoch, position) on, epoch after epoch (this rank's shard of each): the
+    sampler of one DataLoader for the whole run, so its workers start once."""
+
+    def __init__(self, lengths, cfg: TrainConfig, seed: int, epoch: int, pos: int):
+        self.lengths, self.cfg, self.seed, self.epoch, self.pos = lengths, cfg, seed, epoch, pos
+
+    def __iter__(self):
+        epoch, pos = self.epoch, self.pos
+        while True:
+            batches = epoch_batches(self.lengths, self.cfg, self.seed, epoch)
+            yield from (distributed.shard(b) for b in batches[pos:])
+            epoch, pos = epoch + 1, 0
+
+
+def batch_loader(task, batches, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+    """The CPU halves of `batches` (task.load_batch), in order, `workers` processes ahead, pinned for CUDA."""
+    # its own generator: the workers' seed is drawn from it, not from the global RNG that SpecAugment and
+    # dropout draw from (which would shift every later mask)
+    return torch.utils.data.DataLoader(_TrainBatches(task), sampler=batches, batch_size=None, num_workers=workers,
+                                       pin_memory=pin, prefetch_factor=2 if workers else None,
+                                       generator=torch.Generator().manual_seed(0))
+
+
 class DownstreamJob(Job):
     """A Trainable as the loop's job: epochs of length-bucketed batches (the data position is part of the
     resumable state), dev evaluation keeping the best weights in best.pt, the history in metrics.csv. Under
@@ -199,17 +240,35 @@ class DownstreamJob(Job):
         self.csv_paths = [state_dir / "metrics.csv"] + ([Path(run_dir) / "metrics.csv"] if run_dir else [])
         self.epoch, self.pos, self.best, self.best_step, self.history = 0, 0, {}, 0, []
         self._batches: tuple[int, list[list[int]]] = (-1, [])
+        self._loader = None  # ((epoch, position), iterator over the DataLoader's batches)
 
     def _epoch_batches(self) -> list[list[int]]:
         if self._batches[0] != self.epoch:
             self._batches = (self.epoch, epoch_batches(self.lengths, self.cfg, self.seed, self.epoch))
         return self._batches[1]
 
+    def _ahead(self) -> bool:
+        return self.cfg.num_workers > 0 and hasattr(self.task, "load_batch")
+
+    def _batch(self):
+        """This step's batch: made here, or (train.num_workers > 0) taken from the DataLoader that loads the
+        batches ahead from the current position on (so a resumed run reads what it would have)."""
+        if not self._ahead():
+            indices = distributed.shard(self._epoch_batches()[self.pos])  # all of it in a single process
+            return self.task.make_batch(indices, self.device) if indices else None
+        if self._loader is None or self._loader[0] != (self.epoch, self.pos):
+            stream = _BatchStream(self.lengths, self.cfg, self.seed, self.epoch, self.pos)
+            self._loader = (None, iter(batch_loader(self.task, stream, self.cfg.num_workers,
+                                                    pin=self.device.type == "cuda")))
+        payload = next(self._loader[1])
+        last = self.pos + 1 >= len(self._epoch_batches())
+        self._loader = ((self.epoch + 1, 0) if last else (self.epoch, self.pos + 1), self._loader[1])
+        return self.task.finish_batch(payload, self.device) if payload is not None else None
+
     def step(self, index: int) -> Step | None:
         if self.pos >= len(self._epoch_batches()):
             self.epoch, self.pos = self.epoch + 1, 0
-        indices = distributed.shard(self._epoch_batches()[self.pos])  # all of it in a single process
-        batch = self.task.make_batch(indices, self.device) if indices else None
+        batch = self._batch()
         self.pos += 1
         if batch is None:
             return None
@@ -290,6 +349,7 @@ def _fit(task, cfg, *, seed, state_dir, run_dir, progress, on_step, desc) -> Fit
             job.write_metrics(job.csv_paths[1:])
     if job.best_path.exists():
         job.model.load_state_dict(read_checkpoint(job.best_path)["model"])
+    job._loader = None  # ends the DataLoader's workers
     job.model.eval()
     return FitResult(res.steps, job.best_step, job.best, res.wall_s, res.step_s, res.items, res.resumed_from,
                      job.history)

@@ -83,3 +83,15 @@ def test_bad_arguments_are_one_line(cache, argv, message):
 def test_missing_cache_folder(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         main(["list", "--cache-dir", str(tmp_path / "nowhere")])
+
+
+def test_the_cli_lists_and_prunes(cache):
+    from conftest import run_cli
+
+    root, _ = cache
+    proc = run_cli("cache", "list", "--cache-dir", str(root))
+    assert proc.returncode == 0 and "4 entries" in proc.stdout
+    proc = run_cli("cache", "prune", "--older-than", "5", env={"QSPEECH_CACHE": str(root)})
+    assert proc.returncode == 0 and "removed 2 entries" in proc.stdout
+    proc = run_cli("cache", "prune", "--cache-dir", str(root))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "needs --older-than" in proc.stderr

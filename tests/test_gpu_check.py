@@ -18,11 +18,11 @@ def _script():
     return mod
 
 
-def test_cpu_dry_run_writes_train_and_bench(tmp_path):
+def test_cpu_dry_run_writes_every_check(tmp_path):
     out = tmp_path / "gpu_check.json"
     _script().main(["--device", "cpu", "--model", "tiny_hubert", "--task", "asr_small", "--steps", "2",
                     "--n-train", "8", "--n-eval", "2", "--batch", "1", "--seconds", "1", "--repeats", "1",
-                    "--warmup", "0", "--out", str(out)])
+                    "--warmup", "0", "--qat-steps", "2", "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["env"]["device"] == "cpu" and r["env"]["torch"] == torch.__version__
     t = r["train"]
@@ -33,6 +33,11 @@ def test_cpu_dry_run_writes_train_and_bench(tmp_path):
     assert v["fp32"]["max_abs_err"] == 0.0 and v["fp32"]["speedup_vs_fp32"] == 1.0
     assert 0 < v["bf16_model"]["max_abs_err"] < 1.0  # bf16 rounding, not a different model
     assert "fp16_model" not in v  # CUDA-only rows are not tried on the CPU
+    q = r["qat"]
+    assert q["steps"] == 2 and q["s_per_step"] > 0 and q["loss_first"] > 0, q
+    lstm = r["lstm"]
+    assert lstm["max_abs_diff"] < 1e-4 and lstm["fused_dtype_under_bf16_autocast"] == "torch.float32", lstm
+    assert "skipped" in r["ddp"] or r["ddp"]["returncode"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -70,14 +70,22 @@ class CTCTask:
     def make_optimizer(self):
         return torch.optim.Adam(self.model.parameters(), lr=self.lr)
 
-    def make_batch(self, indices, device, split="train"):
-        got = self.sources[split].batch(indices, device)
+    def load_batch(self, indices, split="train"):
+        """The CPU half of a batch (read, decode, pad): what a DataLoader worker prepares ahead."""
+        return self.sources[split].load(indices)
+
+    def finish_batch(self, payload, device, split="train"):
+        """The batch from load_batch's payload: features on the device (the live upstream runs here), targets."""
+        got = self.sources[split].finish(payload, device)
         if got is None:
             return None
         feats, lens, kept = got
         tg = [self.targets[split][i] for i in kept]
         return {"feats": feats, "lens": lens, "targets": torch.tensor([c for t in tg for c in t], dtype=torch.long),
                 "target_lens": torch.tensor([len(t) for t in tg], dtype=torch.long), "indices": kept}
+
+    def make_batch(self, indices, device, split="train"):
+        return self.finish_batch(self.load_batch(indices, split), device, split)
 
     def loss(self, batch):
         logits, lens = self.model(batch["feats"], batch["lens"])
