@@ -235,12 +235,12 @@ def test_distillation_chain_students_start_from_full_precision(tiny, monkeypatch
     seen = []
     real = qat._distill_stage
 
-    def spy(student, teacher, sampler, cfg, stage, bits, key, ckpt, progress, label=None):
+    def spy(student, teacher, sampler, cfg, stage, bits, key, ckpt, progress, label=None, placement=qat.Placement()):
         fc1 = dict(student.model.named_modules())["encoder.layers.0.fc1"]
         seen.append((cfg.act_bits, torch.equal(fc1.parametrizations.weight.original,
                                                dict(tiny.model.named_modules())["encoder.layers.0.fc1"].weight),
                      ckpt.name))
-        return real(student, teacher, sampler, cfg, stage, bits, key, ckpt, progress, label)
+        return real(student, teacher, sampler, cfg, stage, bits, key, ckpt, progress, label, placement)
 
     monkeypatch.setattr(qat, "_distill_stage", spy)
     up = clone_model(tiny)
