@@ -7,11 +7,14 @@ corpus this script writes (noise audio, LibriSpeech-like lengths and transcripts
    (Adam step), per second of audio.
 2. The recipe end to end through `qspeech run task=asr` with the feature cache on and off and DataLoader workers
    0 and 2: steps per second, the cache's bytes per hour of audio.
-3. The projection: train-clean-100 (100.6 h) through SUPERB ASR's 200k steps of 32 utterances, for the rows of the
-   paper's table (FP, 2-bit and 1-bit BiT-style QAT HuBERT, DistilHuBERT), on this machine, and disk per variant.
-   GPU times are not projected from CPU timings: `make gpu-check` measures the GPU's stage times.
+3. QAT: BiT-style 2-bit distillation steps of HuBERT Base (experiment=paper_asr's stage: batch 8 x 4 s crops,
+   20k steps; 1 bit distils two such stages), timed on a smaller batch and scaled by audio seconds.
+4. The projection: train-clean-100 (100.6 h) through SUPERB ASR's 200k steps of 32 utterances, for the rows of the
+   paper's table (FP, 2-bit and 1-bit QAT HuBERT, DistilHuBERT), on this machine, and the feature cache's disk
+   per row. GPU times are not projected from CPU timings: `make gpu-check` measures the GPU's stage times.
 
-    python benchmarks/bench_scale.py [--hours 0.03] [--batch 4] [--steps 3] [--threads 2] [--out outputs/bench_scale.json]
+    python benchmarks/bench_scale.py [--hours 0.03] [--batch 4] [--steps 3] [--qat-steps 2] [--threads 2]
+                                     [--out outputs/bench_scale.json]
 """
 
 from __future__ import annotations
@@ -114,6 +117,22 @@ def stage_times(root: Path, batch: int, steps: int, device: torch.device) -> dic
             "feature_bytes_per_audio_hour": feature_bytes_per_h}
 
 
+def qat_step_time(root: Path, steps: int, batch: int, device: torch.device) -> dict:
+    """Seconds per second of distilled audio of a BiT-style 2-bit QAT step on HuBERT Base (teacher forward,
+    student forward and backward, the update)."""
+    from qspeech.quant import quant_config
+    from qspeech.quantize_upstream import Placement, prepare_quantized_upstream
+
+    files = [str(p) for p in sorted((root / "train-clean-100").rglob("*.flac"))]
+    cfg = quant_config("bit", steps=steps, batch_size=batch, max_seconds=4.0, targets=["linear", "cnn"])
+    with tempfile.TemporaryDirectory() as run:
+        up = build_upstream(ModelConfig(name="hubert", init="random"))
+        prepare_quantized_upstream(up, cfg, 2, files, None, Path(run), progress=False, placement=Placement(device))
+        stage = json.loads((Path(run) / "quant_distill.json").read_text())["stages"][0]
+    return {"steps": steps, "batch": f"{batch} x 4 s", "seconds": stage["seconds"],
+            "seconds_per_audio_second": round(stage["seconds"] / (steps * batch * 4.0), 4)}
+
+
 def recipe_run(root: Path, work: Path, name: str, overrides: list[str], threads: int) -> dict:
     """`qspeech run task=asr model=hubert model.init=random ...` on the corpus; its result.json and cache size."""
     cache, out = work / f"cache-{name}", work / f"out-{name}"
@@ -136,17 +155,28 @@ def recipe_run(root: Path, work: Path, name: str, overrides: list[str], threads:
             "feature_cache": m["feature_cache"], "feature_cache_bytes": size}
 
 
-def projection(stages: dict, variants: int = 4) -> dict:
-    """The paper's ASR table at full scale on this machine (one process), and the disk it needs."""
+QAT_STEPS, QAT_AUDIO_PER_STEP = 20_000, 8 * 4.0  # experiment=paper_asr's distillation stage
+# The paper's ASR rows: (name, QAT stages, hidden states relative to HuBERT Base's 13: DistilHuBERT has 6 of 768)
+ROWS = (("HuBERT Base FP", 0, 1.0), ("HuBERT Base 2-bit QAT", 1, 1.0), ("HuBERT Base 1-bit QAT (FP -> 2 -> 1)", 2, 1.0),
+        ("DistilHuBERT", 0, 6 / 13))
+
+
+def projection(stages: dict, qat: dict) -> dict:
+    """The paper's ASR table at full scale on this machine (one process), and the feature cache's disk per row.
+    DistilHuBERT's upstream pass is taken as HuBERT's (an upper bound: it has 2 layers, not 12)."""
     per = stages["seconds_per_audio_second"]
     audio_per_step = SUPERB_BATCH * 12.7
     head_step = (per["head"] + per["optimizer"]) * audio_per_step
-    cached_s = SUPERB_STEPS * head_step + (TRAIN_CLEAN_100_H + DEV_TEST_H) * 3600 * (per["audio"] + per["upstream"])
-    live_s = SUPERB_STEPS * (per["audio"] + per["upstream"]) * audio_per_step + SUPERB_STEPS * head_step
+    extract = (TRAIN_CLEAN_100_H + DEV_TEST_H) * 3600 * (per["audio"] + per["upstream"])
+    qat_stage = QAT_STEPS * QAT_AUDIO_PER_STEP * qat["seconds_per_audio_second"]
     cache_gb = stages["feature_bytes_per_audio_hour"] * (TRAIN_CLEAN_100_H + DEV_TEST_H) / 1e9
-    return {"per_run_cached_days": round(cached_s / 86400, 1), "per_run_live_days": round(live_s / 86400, 1),
-            "feature_cache_gb_per_variant": round(cache_gb, 1), "variants": variants,
-            "feature_cache_gb_all_variants": round(cache_gb * variants, 1)}
+    rows = [{"row": name, "qat_days": round(n * qat_stage / 86400, 1),
+             "head_days_cached": round((SUPERB_STEPS * head_step + extract) / 86400, 1),
+             "head_days_live": round(SUPERB_STEPS * (head_step + (per["audio"] + per["upstream"]) * audio_per_step)
+                                     / 86400, 1),
+             "feature_cache_gb": round(cache_gb * share, 1)} for name, n, share in ROWS]
+    return {"head_step_s": round(head_step, 2), "qat_stage_days": round(qat_stage / 86400, 1), "rows": rows,
+            "feature_cache_gb_all_rows": round(sum(r["feature_cache_gb"] for r in rows), 1)}
 
 
 def main() -> None:
@@ -155,6 +185,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--qat-steps", type=int, default=2, help="QAT distillation steps timed (batch 2 x 4 s)")
     ap.add_argument("--skip-runs", action="store_true", help="stage times only (no qspeech run)")
     ap.add_argument("--out", default="outputs/bench_scale.json")
     args = ap.parse_args()
@@ -167,6 +198,8 @@ def main() -> None:
         print(f"corpus: {corpus}")
         stages = stage_times(root, args.batch, args.steps, torch.device("cpu"))
         print(f"stages (s per s of audio): {stages['seconds_per_audio_second']}")
+        qat = qat_step_time(root, args.qat_steps, 2, torch.device("cpu"))
+        print(f"qat: {qat}")
         runs = {}
         if not args.skip_runs:
             common = [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"train.batch_size={args.batch}",
@@ -178,8 +211,8 @@ def main() -> None:
                 print(f"{name}: {runs[name]['steps_per_s']} steps/s, cache {runs[name]['feature_cache_bytes'] / 1e6:.1f} MB, "
                       f"run {runs[name]['wall_s']} s")
         result = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__}, "corpus": corpus,
-                  "batch": args.batch, "steps": args.steps, "stages": stages, "runs": runs,
-                  "projection": projection(stages)}
+                  "batch": args.batch, "steps": args.steps, "stages": stages, "qat": qat, "runs": runs,
+                  "projection": projection(stages, qat)}
         write_json_atomic(Path(args.out), result)
         print(json.dumps(result["projection"], indent=1))
         print(f"-> {args.out}")

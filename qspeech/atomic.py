@@ -155,6 +155,29 @@ def _try_lock(fd: int, folder) -> bool:
     return True
 
 
+def lock_holder(folder: str | Path) -> tuple[bool, str] | None:
+    """Who holds the folder's run lock, without touching the lock (a run starting meanwhile must not be
+    refused): (alive, 'pid N on HOST since T') from the holder line, alive when that process still runs on this
+    host (on another host it is taken as alive); None when no holder is named (never run, or exited cleanly)."""
+    try:
+        text = (Path(folder) / LOCK_FILE).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    parts = text.split()
+    if len(parts) < 3 or not parts[0].isdigit():
+        return None
+    alive = parts[1] != socket.gethostname()
+    if not alive:
+        try:
+            os.kill(int(parts[0]), 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+    return alive, _describe_holder(text)
+
+
 @contextmanager
 def folder_lock(folder: str | Path) -> Iterator[str | None]:
     """Hold an exclusive lock on `folder` (its LOCK_FILE) for the block. flock is released by the kernel

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from qspeech.atomic import write_json_atomic  # noqa: F401  (results files are written atomically)
+from qspeech.atomic import LOCK_FILE, lock_holder, write_json_atomic  # noqa: F401  (results files are written atomically)
 from qspeech.cost import CostReport
 from qspeech.preemption import Preempted
 from qspeech.records import Record, optional, transient
@@ -120,6 +120,20 @@ def load_results(root: str | Path) -> tuple[list[RunResult], list[str]]:
     for path, result in found:
         result.run_dir = str(path.parent)
     return [r for _, r in found], problems
+
+
+def runs_without_result(root: str | Path) -> list[tuple[str, str, str]]:
+    """Run folders under root that have no result.json yet: (folder, 'running' | 'stopped', holder) for a run
+    in progress (its lock names a live process) or one killed before it wrote its result (a dead holder)."""
+    out = []
+    for lock in sorted(Path(root).rglob(LOCK_FILE)):
+        folder = lock.parent
+        if (folder / RESULT_FILE).exists():
+            continue
+        holder = lock_holder(folder)
+        if holder is not None:
+            out.append((str(folder), "running" if holder[0] else "stopped", holder[1]))
+    return out
 
 
 def _read_all(root: str | Path, name: str, parse: Callable[[Any], Any]) -> tuple[list[tuple[Path, Any]], list[str]]:

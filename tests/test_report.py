@@ -430,3 +430,29 @@ def test_the_distilled_comparison_comes_from_the_paper_mapping():
         "tiny_distilhubert", "tiny_distilhubert", "distilhubert", "distilhubert"]
     assert [paper.teacher_of(m) for m in ("tiny_distilhubert", "distilhubert", "wavlm")] == [
         "tiny_hubert", "hubert", "wavlm"]
+
+
+def test_a_sweep_still_running_shows_its_running_and_stopped_jobs(tmp_path):
+    """A job in progress (its run lock names a live process) and one killed before its result (a dead holder)
+    are listed beside the finished and failed ones; a job that exited cleanly names no holder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from qspeech.atomic import LOCK_FILE
+
+    out = tmp_path / "outputs"
+    _run(out, "done", 32, 60.0)
+    _run(out, "broken", 2, None)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name, pid in (("live", os.getpid()), ("killed", int(dead.stdout))):
+        (out / "run" / name).mkdir(parents=True)
+        (out / "run" / name / LOCK_FILE).write_text(f"{pid} {socket.gethostname()} 2026-12-08T04:00:00\n")
+    (out / "run" / "clean").mkdir()
+    (out / "run" / "clean" / LOCK_FILE).write_text("")
+    rep = make_report(out)
+    assert [(Path(f).name, s) for f, s, _ in rep["pending"]] == [("killed", "stopped"), ("live", "running")]
+    md = Path(rep["markdown"]).read_text()
+    assert "## Runs without a result yet" in md and f"running: {out / 'run' / 'live'} (pid {os.getpid()}" in md
+    assert "rerun its command to resume" in md and "- failed:" in md and rep["runs"] == 2

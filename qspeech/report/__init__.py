@@ -17,7 +17,7 @@ from qspeech.report.markdown import render_costs, render_markdown, render_superb
 from qspeech.report.plots import plot, plot_superb
 from qspeech.report.rows import build_table
 from qspeech.report.tables import cost_table, superb_table
-from qspeech.results import COST_FILE, collect, load_results
+from qspeech.results import COST_FILE, collect, load_results, runs_without_result
 
 __all__ = ["BENCH_FILE", "build_table", "main", "make_report", "plot", "plot_superb", "superb_table"]
 
@@ -42,7 +42,8 @@ def make_report(outputs: str | Path = "outputs") -> dict:
     costs_df = cost_table(costs)
     csv_path, md_path, png_path = outputs / "results.csv", outputs / "report.md", outputs / "report.png"
     write_text_atomic(csv_path, table.to_csv(index=False))
-    markdown = render_markdown(table, problems)
+    pending = runs_without_result(outputs)
+    markdown = render_markdown(table, problems, pending)
     if not costs_df.empty:
         markdown += render_costs(costs_df)
     sup = superb_table(table)
@@ -56,6 +57,7 @@ def make_report(outputs: str | Path = "outputs") -> dict:
     if sup_png is not None:
         sup_png = plot_superb(table, sup_png)
     return {"csv": csv_path, "markdown": md_path, "plot": png, "runs": len(results), "problems": problems,
+            "pending": pending,
             "table": table, "superb": sup, "superb_csv": sup_csv, "superb_plot": sup_png}
 
 
@@ -67,4 +69,6 @@ def main(outputs: str | Path = "outputs") -> None:
         print(f"qspeech: warning: {problem}", file=sys.stderr)
     print(Path(out["markdown"]).read_text())
     written = [out["csv"], out["markdown"], out["plot"], out["superb_csv"], out["superb_plot"]]
-    print(f"{out['runs']} runs -> {', '.join(str(p) for p in written if p)}")
+    states = [state for _, state, _ in out["pending"]]
+    more = "".join(f", {states.count(k)} {k}" for k in ("running", "stopped") if k in states)
+    print(f"{out['runs']} runs{more} -> {', '.join(str(p) for p in written if p)}")

@@ -60,8 +60,9 @@ CAPTION = (
 )
 
 
-def render_markdown(table: pd.DataFrame, problems: list[str]) -> str:
-    """The results table, one section per source, failed runs listed under ours; skipped files last."""
+def render_markdown(table: pd.DataFrame, problems: list[str], pending: list[tuple[str, str, str]] = ()) -> str:
+    """The results table, one section per source, failed runs listed under ours, then the runs without a result
+    yet (running, or stopped before writing one: a sweep still going); skipped files last."""
     lines = ["# qspeech results", "", CAPTION, ""]
     for source, part in table.groupby("source", sort=False):
         lines += [f"## {'Our runs' if source == 'qspeech' else source}", ""]
@@ -78,6 +79,11 @@ def render_markdown(table: pd.DataFrame, problems: list[str]) -> str:
             lines.append(f"- {r['status']}: {what}{seed}: {_fmt(r['error']) or 'no error recorded'} ({r['run_dir']})")
         if unfinished:
             lines.append("")
+    if pending:
+        lines += ["## Runs without a result yet", ""]
+        lines += [f"- {state}: {folder} ({holder}" + ("" if state == "running" else
+                  "; it stopped without writing a result: rerun its command to resume") + ")"
+                  for folder, state, holder in pending] + [""]
     if problems:
         lines += ["## Skipped result files", ""] + [f"- {p}" for p in problems] + [""]
     return "\n".join(lines)
