@@ -110,7 +110,7 @@ def _last(out) -> torch.Tensor:
     return out.hidden_states[-1].detach().float().cpu()
 
 
-def bench_check(args, device: torch.device) -> dict:
+def _upstream(args):
     import dataclasses
 
     from omegaconf import OmegaConf
@@ -119,9 +119,14 @@ def bench_check(args, device: torch.device) -> dict:
     from qspeech.upstream import build_upstream
     from qspeech.upstream.config import ModelConfig
 
+    """conf/model/<args.model>.yaml with random weights (speed does not depend on them)."""
     mcfg = typed(ModelConfig, OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml"), "model")
+    return build_upstream(dataclasses.replace(mcfg, init="random"))
+
+
+def bench_check(args, device: torch.device) -> dict:
     torch.manual_seed(0)
-    up = build_upstream(dataclasses.replace(mcfg, init="random")).eval().to(device)
+    up = _upstream(args).eval().to(device)
     wavs = (torch.randn(args.batch, int(args.seconds * 16000), generator=torch.Generator().manual_seed(0)) * 0.1
             ).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -249,19 +254,6 @@ def _keep_only(src: Path, dst: Path, keep) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ qat, lstm, ddp
-def _upstream(args, device):
-    import dataclasses
-
-    from omegaconf import OmegaConf
-
-    from qspeech.checks import typed
-    from qspeech.upstream import build_upstream
-    from qspeech.upstream.config import ModelConfig
-
-    mcfg = typed(ModelConfig, OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml"), "model")
-    return build_upstream(dataclasses.replace(mcfg, init="random"))
-
-
 def qat_check(args, device: torch.device, work: Path) -> dict:
     """A few distillation steps on the device under bf16 autocast: seconds per step, finite losses."""
     import numpy as np
@@ -275,7 +267,7 @@ def qat_check(args, device: torch.device, work: Path) -> dict:
     for i in range(8):
         audio.append(str(work / f"qat_{i}.wav"))
         sf.write(audio[-1], (0.1 * rng.standard_normal(16000 * 6)).astype("float32"), 16000)
-    up = _upstream(args, device)
+    up = _upstream(args)
     cfg = quant_config("bit", steps=args.qat_steps, batch_size=4, max_seconds=4.0, targets=["linear", "cnn"])
     place = Placement(device, lambda: torch.autocast(device.type, dtype=torch.bfloat16))
     t0 = time.perf_counter()
